@@ -1,0 +1,34 @@
+# The two commands of the README:  make demo   and   make test
+# Each creates .venv, installs the pinned dependencies and builds the extension on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+DEPS    = $(VENV)/.deps-installed
+export MAX_JOBS ?= 2
+
+.PHONY: demo test build bench selftest clean
+
+$(DEPS): scripts/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r scripts/requirements.txt
+	touch $@
+
+# Compiles the CPU kernels, and the CUDA kernels whenever nvcc is found; fails on any ptxas spill.
+build: $(DEPS)
+	$(PY) scripts/build.py
+
+demo: build
+	$(VENV)/bin/dalle-fast demo
+
+test: build
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+selftest: build
+	$(PY) -m dalle_fast.selftest
+
+bench: build
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf build dalle_fast/_C*.so *.egg-info

@@ -1,0 +1,21 @@
+"""dalle_fast: DALL-E (Ramesh et al. 2021) with fused C++/CUDA kernels.
+
+Importing never touches CUDA; a missing build raises ExtensionNotBuiltError saying how to build.
+"""
+__version__ = "0.1.0"
+
+from . import _extension
+
+_C = _extension.load()
+backends = _extension.backends
+
+from .ops.gumbel_softmax import gumbel_softmax, one_hot_argmax  # noqa: E402
+from .ops.logit_laplace import logit_laplace_loss, map_pixels, unmap_pixels  # noqa: E402
+from .ops.sparse_attention import (  # noqa: E402
+    attention_mask, attention_schedule, sparse_attention, sparse_attention_decode)
+
+__all__ = [
+    "gumbel_softmax", "one_hot_argmax", "logit_laplace_loss", "map_pixels", "unmap_pixels",
+    "attention_mask", "attention_schedule", "sparse_attention", "sparse_attention_decode",
+    "backends", "__version__",
+]
