@@ -33,5 +33,14 @@ TORCH_LIBRARY(dalle_fast, m) {
   // ---- logit_laplace (end) ----
 
   // ---- sparse_attention (begin) ----
+  // kind: "full" | "row" | "column" | "conv"; q, k, v: (B, heads, N, D), N = text_len + image_size^2.
+  // Returns the output and the log-sum-exp of each query row (B, heads, N) in fp32 for the backward.
+  m.def("sparse_attention(Tensor q, Tensor k, Tensor v, str kind, int text_len, int image_size, "
+        "int conv_kernel, float scale) -> (Tensor, Tensor)");
+  m.def("_sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "str kind, int text_len, int image_size, int conv_kernel, float scale) -> (Tensor, Tensor, Tensor)");
+  // One query per sequence at absolute index `position`: q (B, heads, 1, D); caches (B, heads, L, D), L > position.
+  m.def("sparse_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, int position, str kind, "
+        "int text_len, int image_size, int conv_kernel, float scale) -> Tensor");
   // ---- sparse_attention (end) ----
 }
