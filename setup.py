@@ -70,7 +70,7 @@ cpp_sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else []
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DDALLE_FAST_VERSION=\"0.1.0\""]
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DDALLE_FAST_VERSION=\"0.1.0\"", "-DDALLE_FAST_PYTHON_MODULE"]
 nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-Xptxas", "-v", "--expt-relaxed-constexpr",
               "-lineinfo", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
               "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]

@@ -1,10 +1,11 @@
 // Every schema of the dalle_fast op library. Kernels live in cpu/<op>_cpu.cpp and cuda/<op>_cuda.cu,
 // fake kernels and autograd in dalle_fast/ops/<op>.py.
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 
+#ifdef DALLE_FAST_PYTHON_MODULE
+#include <Python.h>
 extern "C" {
 // `import dalle_fast._C` loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
@@ -12,6 +13,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 namespace dalle_fast {
 std::string build_info() {
