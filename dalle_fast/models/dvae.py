@@ -1,0 +1,387 @@
+"""The discrete VAE of DALL-E (stage 1): images -> a grid of tokens -> images.
+
+Architecture as in the paper and OpenAI's released `dall-e` code (encoder.py / decoder.py):
+module names mirror theirs (blocks.input, blocks.group_1.block_1.res_path.conv_1, ...) so that
+dalle_fast.models.convert maps their state dicts onto ours key for key (only w/b -> weight/bias).
+
+Training objective (paper, appendix A.2): with q = softmax(encoder logits) over the vocabulary,
+    loss = [ -ln p(x | z) + beta * KL(q || uniform) ] / (C * H * W)
+where -ln p(x | z) is the logit-Laplace negative log likelihood summed over pixels and the KL is
+summed over token positions, so the KL's weight per position is beta / (C*H*W / positions)
+(= beta / 192 for 256x256x3 -> 32x32). z is the Gumbel-softmax relaxation of q at temperature tau.
+"""
+import dataclasses
+import json
+import math
+import os
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dalle_fast
+from dalle_fast.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_json, load_safetensors
+
+
+@dataclasses.dataclass
+class DVAEConfig:
+    image_size: int = 256
+    input_channels: int = 3
+    group_count: int = 4        # groups of residual blocks; 2**(group_count-1) pixels per token side
+    n_hid: int = 256            # width of the first group (later groups 2x, 4x, 8x ...)
+    n_blk_per_group: int = 2
+    vocab_size: int = 8192
+    n_init: int = 128           # decoder width after the 1x1 conv from the codes
+    eps: float = 0.1            # logit-Laplace pixel margin (map_pixels / unmap_pixels)
+
+    def __post_init__(self):
+        for name in ("image_size", "input_channels", "group_count", "n_hid", "n_blk_per_group",
+                     "vocab_size", "n_init"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"DVAEConfig.{name} must be a positive int, got {v!r}")
+        if self.n_hid % 4:
+            raise ValueError(f"DVAEConfig.n_hid must be a multiple of 4 (blocks use n_out/4 hidden), got {self.n_hid}")
+        if self.image_size % self.downsample:
+            raise ValueError(f"DVAEConfig.image_size ({self.image_size}) must be divisible by "
+                             f"2**(group_count-1) = {self.downsample}")
+        if not 0 <= self.eps < 0.5:
+            raise ValueError(f"DVAEConfig.eps must be in [0, 0.5), got {self.eps}")
+
+    @property
+    def downsample(self):
+        return 2 ** (self.group_count - 1)
+
+    @property
+    def tokens_per_side(self):
+        return self.image_size // self.downsample
+
+    @classmethod
+    def paper(cls):
+        """The released DALL-E dVAE: 256x256 -> 32x32 tokens of 8192 codes."""
+        return cls()
+
+    @classmethod
+    def small(cls):
+        """64x64 -> 8x8 tokens of 512 codes: trains in minutes on a CPU (demo, Shapes)."""
+        return cls(image_size=64, n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=64)
+
+    @classmethod
+    def tiny(cls):
+        """For tests: 32x32 -> 4x4 tokens, a few thousand parameters per layer."""
+        return cls(image_size=32, n_hid=16, n_blk_per_group=1, vocab_size=64, n_init=16)
+
+    @classmethod
+    def named(cls, name):
+        presets = {"paper": cls.paper, "small": cls.small, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown dVAE config {name!r}; expected one of {sorted(presets)}")
+        return presets[name]()
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DVAEConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def _conv(n_in, n_out, kw):
+    """Conv2d initialised as the paper: weights N(0, 1/sqrt(n_in*kw^2)), zero bias, 'same' padding."""
+    conv = nn.Conv2d(n_in, n_out, kw, padding=(kw - 1) // 2)
+    with torch.no_grad():
+        conv.weight.normal_(std=1 / math.sqrt(n_in * kw ** 2))
+        conv.bias.zero_()
+    return conv
+
+
+class FP32Conv(nn.Conv2d):
+    """A conv kept in fp32 under autocast: the encoder's logits and the decoder's input projection
+    from the (soft) one-hot codes are precision-sensitive (the released code also keeps them fp32)."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def _fp32_conv(n_in, n_out, kw):
+    conv = FP32Conv(n_in, n_out, kw, padding=(kw - 1) // 2)
+    with torch.no_grad():
+        conv.weight.normal_(std=1 / math.sqrt(n_in * kw ** 2))
+        conv.bias.zero_()
+    return conv
+
+
+class _Block(nn.Module):
+    """identity (1x1 conv when widths differ) + post_gain * residual; residual = 4 x (ReLU, conv)."""
+
+    def __init__(self, n_in, n_out, n_layers, kernels):
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / n_layers ** 2
+        self.id_path = _conv(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        widths = [n_in, n_hid, n_hid, n_hid, n_out]
+        layers = []
+        for i, kw in enumerate(kernels):
+            layers += [(f"relu_{i + 1}", nn.ReLU()), (f"conv_{i + 1}", _conv(widths[i], widths[i + 1], kw))]
+        self.res_path = nn.Sequential(OrderedDict(layers))
+
+    def forward(self, x):
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class EncoderBlock(_Block):
+    def __init__(self, n_in, n_out, n_layers):
+        super().__init__(n_in, n_out, n_layers, (3, 3, 3, 1))
+
+
+class DecoderBlock(_Block):
+    def __init__(self, n_in, n_out, n_layers):
+        super().__init__(n_in, n_out, n_layers, (1, 3, 3, 3))
+
+
+class Encoder(nn.Module):
+    """map_pixels(image) -> (B, vocab, H/ds, W/ds) logits."""
+
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        n_layers = cfg.group_count * cfg.n_blk_per_group
+        blocks = [("input", _conv(cfg.input_channels, cfg.n_hid, 7))]
+        n_in = cfg.n_hid
+        for g in range(cfg.group_count):
+            width = 2 ** g * cfg.n_hid
+            group = []
+            for i in range(cfg.n_blk_per_group):
+                group.append((f"block_{i + 1}", EncoderBlock(n_in, width, n_layers)))
+                n_in = width
+            if g < cfg.group_count - 1:
+                group.append(("pool", nn.MaxPool2d(kernel_size=2)))
+            blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
+        blocks.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()), ("conv", _fp32_conv(n_in, cfg.vocab_size, 1))]))))
+        self.blocks = nn.Sequential(OrderedDict(blocks))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class Decoder(nn.Module):
+    """(B, vocab, h, w) one-hot or relaxed codes -> (B, 2*C, h*ds, w*ds) stats: mu then ln b."""
+
+    def __init__(self, cfg: DVAEConfig):
+        super().__init__()
+        n_layers = cfg.group_count * cfg.n_blk_per_group
+        blocks = [("input", _fp32_conv(cfg.vocab_size, cfg.n_init, 1))]
+        n_in = cfg.n_init
+        for g in range(cfg.group_count):
+            width = 2 ** (cfg.group_count - 1 - g) * cfg.n_hid
+            group = []
+            for i in range(cfg.n_blk_per_group):
+                group.append((f"block_{i + 1}", DecoderBlock(n_in, width, n_layers)))
+                n_in = width
+            if g < cfg.group_count - 1:
+                group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
+            blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
+        blocks.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()), ("conv", _conv(n_in, 2 * cfg.input_channels, 1))]))))
+        self.blocks = nn.Sequential(OrderedDict(blocks))
+
+    def forward(self, z):
+        return self.blocks(z)
+
+    def forward_tokens(self, tokens):
+        """Same as forward(one_hot(tokens)) but the 1x1 input conv of a one-hot is a column gather:
+        no (B, vocab, h, w) tensor is built."""
+        conv = self.blocks.input
+        w = conv.weight[:, :, 0, 0].float()                     # (n_init, vocab)
+        x = F.embedding(tokens, w.t()) + conv.bias.float()      # (B, h, w, n_init)
+        x = x.permute(0, 3, 1, 2)
+        for name, module in self.blocks.named_children():
+            if name != "input":
+                x = module(x)
+        return x
+
+
+def kl_to_uniform(logits, dim=1):
+    """KL(softmax(logits) || uniform) per position, summed over `dim`; computed in fp32."""
+    logits = logits.float()
+    logq = F.log_softmax(logits, dim=dim)
+    return (logq.exp() * logq).sum(dim) + math.log(logits.shape[dim])
+
+
+def codebook_perplexity(tokens, vocab_size):
+    """exp(entropy) of the histogram of used codes: 1 = one code used, vocab_size = all uniformly."""
+    counts = torch.bincount(tokens.reshape(-1), minlength=vocab_size).double()
+    p = counts / counts.sum().clamp_min(1)
+    return torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()
+
+
+def psnr(images, target):
+    """Peak signal-to-noise ratio in dB of images in [0, 1], averaged over the batch's MSE."""
+    mse = F.mse_loss(images.float(), target.float()).item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+class DiscreteVAE(nn.Module):
+    """DALL-E's dVAE. backend='fused' uses dalle_fast's kernels (gumbel_softmax, logit_laplace_loss);
+    'torch' the same math with torch.nn.functional.gumbel_softmax and an eager loss (baseline)."""
+
+    def __init__(self, config: DVAEConfig = None, backend="fused"):
+        super().__init__()
+        self.config = config if config is not None else DVAEConfig()
+        if not isinstance(self.config, DVAEConfig):
+            raise TypeError(f"config must be a DVAEConfig, got {type(self.config).__name__}")
+        self.backend = backend
+        self.encoder = Encoder(self.config)
+        self.decoder = Decoder(self.config)
+
+    @property
+    def backend(self):
+        return self._backend
+
+    @backend.setter
+    def backend(self, value):
+        if value not in ("fused", "torch"):
+            raise ValueError(f"backend must be 'fused' or 'torch', got {value!r}")
+        self._backend = value
+
+    # -- downstream properties ----------------------------------------------------------------
+    @property
+    def vocab_size(self):
+        return self.config.vocab_size
+
+    @property
+    def image_size(self):
+        return self.config.image_size
+
+    @property
+    def tokens_per_side(self):
+        return self.config.tokens_per_side
+
+    @property
+    def num_tokens(self):
+        return self.config.tokens_per_side ** 2
+
+    # -- checks ---------------------------------------------------------------------------------
+    def _check_images(self, images):
+        if not torch.is_tensor(images):
+            raise TypeError(f"images must be a tensor, got {type(images).__name__}")
+        if images.dim() != 4 or images.shape[1] != self.config.input_channels:
+            raise ValueError(f"images must have shape (B, {self.config.input_channels}, H, W), got "
+                             f"{tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a float tensor with values in [0, 1], got {images.dtype}")
+        ds = self.config.downsample
+        if images.shape[2] % ds or images.shape[3] % ds:
+            raise ValueError(f"image height and width must be multiples of {ds}, got {tuple(images.shape[2:])}")
+
+    def _check_tokens(self, tokens):
+        if not torch.is_tensor(tokens) or tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be an int64/int32 tensor of shape (B, h, w), got "
+                            f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens must have shape (B, h, w), got {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got range "
+                             f"[{tokens.min().item()}, {tokens.max().item()}]")
+
+    # -- the ops, fused or eager ----------------------------------------------------------------
+    def _map(self, x):
+        return dalle_fast.map_pixels(x, self.config.eps)
+
+    def _unmap(self, x):
+        return dalle_fast.unmap_pixels(x, self.config.eps)
+
+    def _relax(self, logits, tau, hard):
+        if self.backend == "fused":
+            return dalle_fast.gumbel_softmax(logits, tau, hard=hard, dim=1)
+        return F.gumbel_softmax(logits, tau=tau, hard=hard, dim=1)
+
+    def _recon_loss(self, images, stats):
+        if self.backend == "fused":
+            return dalle_fast.logit_laplace_loss(images, stats, eps=self.config.eps, reduction="mean")
+        return logit_laplace_nll_eager(images, stats, self.config.eps).mean()
+
+    # -- public API -----------------------------------------------------------------------------
+    def logits(self, images):
+        """Encoder logits (B, vocab, h, w) in fp32 of images in [0, 1]."""
+        self._check_images(images)
+        return self.encoder(self._map(images)).float()
+
+    def forward(self, images, tau=1.0, beta=0.0, hard=False):
+        """One training evaluation. Returns a dict: loss (recon + beta * kl, normalised per image
+        dimension as the paper), recon (logit-Laplace NLL per dimension), kl (per dimension,
+        unweighted), logits, stats, tokens (argmax, no noise)."""
+        if not (isinstance(tau, (int, float)) and tau > 0):
+            raise ValueError(f"tau must be a positive number, got {tau!r}")
+        logits = self.logits(images)
+        z = self._relax(logits, float(tau), hard)
+        stats = self.decoder(z).float()
+        recon = self._recon_loss(images.float(), stats)
+        dims = images.shape[1] * images.shape[2] * images.shape[3]
+        kl = kl_to_uniform(logits).sum((1, 2)).mean() / dims
+        return {"loss": recon + beta * kl, "recon": recon, "kl": kl, "logits": logits, "stats": stats,
+                "tokens": logits.detach().argmax(1)}
+
+    @torch.no_grad()
+    def encode(self, images):
+        """Images (B, C, H, W) in [0, 1] -> LongTensor tokens (B, H/ds, W/ds): argmax, no noise."""
+        return self.logits(images).argmax(1)
+
+    def decode_stats(self, tokens):
+        """Tokens (B, h, w) -> decoder stats (B, 2C, H, W) in fp32: mu (logit space) then ln b."""
+        self._check_tokens(tokens)
+        return self.decoder.forward_tokens(tokens.long()).float()
+
+    @torch.no_grad()
+    def decode(self, tokens):
+        """Tokens (B, h, w) -> images (B, C, H, W) in [0, 1]: unmap(sigmoid(mu))."""
+        stats = self.decode_stats(tokens)
+        return self._unmap(torch.sigmoid(stats[:, : self.config.input_channels]))
+
+    @torch.no_grad()
+    def reconstruct(self, images):
+        return self.decode(self.encode(images))
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save_pretrained(self, directory):
+        """directory/config.json + directory/model.safetensors (each written atomically)."""
+        os.makedirs(directory, exist_ok=True)
+        atomic_save_safetensors(self.state_dict(), os.path.join(directory, "model.safetensors"),
+                                metadata={"format": "dalle_fast.dvae"})
+        atomic_write_json({"model": "DiscreteVAE", "config": self.config.to_dict()},
+                          os.path.join(directory, "config.json"))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu", backend="fused"):
+        cfg_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"no dVAE config at {cfg_path} (expected a directory written by save_pretrained)")
+        try:
+            with open(cfg_path) as f:
+                meta = json.load(f)
+            config = DVAEConfig.from_dict(meta["config"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"corrupt dVAE config {cfg_path}: {e}") from e
+        state = load_safetensors(os.path.join(directory, "model.safetensors"), device)
+        model = cls(config, backend=backend)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"weights in {directory} do not match its config: {e}") from e
+        return model.to(device)
+
+
+def logit_laplace_nll_eager(x, stats, eps=0.1):
+    """Per-element logit-Laplace NLL with eager torch ops (the benchmark's baseline):
+    ln(2b) + ln(x'(1-x')) + |logit(x') - mu| / b, x' = map_pixels(x), b = exp(ln b)."""
+    c = x.shape[1]
+    mu, log_b = stats[:, :c], stats[:, c:]
+    xm = (1 - 2 * eps) * x + eps
+    return math.log(2) + log_b + torch.log(xm * (1 - xm)) + (torch.logit(xm) - mu).abs() * torch.exp(-log_b)
