@@ -1,0 +1,36 @@
+"""Counting bad data instead of crashing a long run."""
+import collections
+import warnings
+
+
+class BadDataWarning(UserWarning):
+    pass
+
+
+class BadDataCounter:
+    """Counts skipped items by reason ('unreadable_image', 'missing_caption', 'corrupt_shard', ...)
+    and warns once per item. Readers share one counter with the trainer, which reports .total.
+    (Counts made inside DataLoader worker processes stay in those processes: the trainers read
+    with num_workers=0 on the CPU.)"""
+
+    def __init__(self, max_warnings=20):
+        self.counts = collections.Counter()
+        self.max_warnings = max_warnings
+
+    def add(self, reason, detail=""):
+        self.counts[reason] += 1
+        if self.total <= self.max_warnings:
+            warnings.warn(f"skipping bad data ({reason}): {detail}", BadDataWarning, stacklevel=3)
+        elif self.total == self.max_warnings + 1:
+            warnings.warn("more bad data: further warnings suppressed (see the counter)", BadDataWarning,
+                          stacklevel=3)
+
+    @property
+    def total(self):
+        return sum(self.counts.values())
+
+    def as_dict(self):
+        return dict(self.counts)
+
+    def __repr__(self):
+        return f"BadDataCounter({dict(self.counts)})"
