@@ -32,6 +32,12 @@ TORCH_LIBRARY(dalle_fast, m) {
   // ---- gumbel_softmax (end) ----
 
   // ---- logit_laplace (begin) ----
+  // x (B, C, H, W) in [0, 1]; stats (B, 2C, H, W) = (mu, ln b); reduction "none" | "sum" | "mean".
+  // Negative log-likelihood of the logit-Laplace distribution of x' = (1 - 2 eps) x + eps.
+  m.def("logit_laplace_loss(Tensor x, Tensor stats, float eps, str reduction) -> Tensor");
+  // Returns (grad_stats (B, 2C, H, W), grad_x (B, C, H, W), or an empty (0,) tensor unless compute_grad_x).
+  m.def("_logit_laplace_loss_backward(Tensor grad, Tensor x, Tensor stats, float eps, str reduction, "
+        "bool compute_grad_x) -> (Tensor, Tensor)");
   // ---- logit_laplace (end) ----
 
   // ---- sparse_attention (begin) ----
