@@ -29,6 +29,18 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def("_build_info() -> str", &dalle_fast::build_info);
 
   // ---- gumbel_softmax (begin) ----
+  // seed: one-element int64 tensor on logits' device, read by the kernel (no host sync on CUDA);
+  // the noise of each element is a pure function of (seed, flat index), see gumbel_softmax.h.
+  // gumbels: standard-Gumbel noise of logits' shape and dtype that replaces the drawn noise.
+  m.def("gumbel_softmax(Tensor logits, Tensor seed, Tensor? gumbels, float tau, int dim) -> Tensor");
+  // Returns (exact one-hot of the argmax of (logits + g) / tau, the soft sample); the soft sample
+  // is an empty tensor unless return_soft (it is only needed for the straight-through gradient).
+  m.def("gumbel_softmax_hard(Tensor logits, Tensor seed, Tensor? gumbels, float tau, int dim, "
+        "bool return_soft) -> (Tensor, Tensor)");
+  // d logits = y * (grad - sum(grad * y, dim)) / tau, y the soft sample.
+  m.def("_gumbel_softmax_backward(Tensor grad, Tensor y, float tau, int dim) -> Tensor");
+  // One-hot of torch.argmax(logits, dim) in logits' dtype (no noise).
+  m.def("one_hot_argmax(Tensor logits, int dim) -> Tensor");
   // ---- gumbel_softmax (end) ----
 
   // ---- logit_laplace (begin) ----
@@ -42,7 +54,8 @@ TORCH_LIBRARY(dalle_fast, m) {
 
   // ---- sparse_attention (begin) ----
   // kind: "full" | "row" | "column" | "conv"; q, k, v: (B, heads, N, D), N = text_len + image_size^2.
-  // Returns the output and the log-sum-exp of each query row (B, heads, N) in fp32 for the backward.
+  // Returns the output and the log-sum-exp of each query row (B, heads, N) in fp32 for the backward
+  // (fp64 when q is fp64, so float64 gradients stay exact).
   m.def("sparse_attention(Tensor q, Tensor k, Tensor v, str kind, int text_len, int image_size, "
         "int conv_kernel, float scale) -> (Tensor, Tensor)");
   m.def("_sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

@@ -1,0 +1,123 @@
+// Row-wise softmax pieces of the CPU sparse attention kernel (float: SIMD, double: plain loops).
+//
+// The extension is compiled for the baseline x86-64 ISA (at::vec would then be its scalar fallback),
+// so the float loops are cloned by GCC for AVX-512 / AVX2 / baseline and picked at load time from
+// the running CPU (target_clones): runtime dispatch without assuming any ISA at compile time. exp is
+// a polynomial the compiler can vectorize; its error is ~1 ulp, far below fp32 GEMM rounding.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace dalle_fast {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DF_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DF_SIMD_CLONES
+#endif
+
+// e^x for x <= ~88; returns 0 below -87 (masked scores are -inf).
+inline float exp_poly(float x) {
+  const float t0 = x * 1.44269504088896341f;
+  const float t = t0 < -126.0f ? -126.0f : t0;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const float f = (t - n) * 0.693147180559945309f;  // e^(n ln2 + f), |f| <= ln2 / 2
+  float p = 1.0f / 5040;
+  p = p * f + 1.0f / 720;
+  p = p * f + 1.0f / 120;
+  p = p * f + 1.0f / 24;
+  p = p * f + 1.0f / 6;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+DF_SIMD_CLONES float row_max_f32(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+DF_SIMD_CLONES float exp_sub_sum_f32(float* x, int64_t n, float sub) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_poly(x[i] - sub);
+    x[i] = e;
+    s += e;
+  }
+  return s;
+}
+
+DF_SIMD_CLONES void scale_f32(float* x, int64_t n, float a) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+
+DF_SIMD_CLONES void mask_f32(float* x, const uint8_t* m, int64_t n) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = m[i] ? x[i] : ninf;
+}
+
+// dS = P * (dP - d) * scale, in place over dP.
+DF_SIMD_CLONES void softmax_grad_f32(float* dp, const float* p, int64_t n, float d, float scale) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d) * scale;
+}
+
+DF_SIMD_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Overloads the templated kernel calls: float goes to the clones above, double to plain loops.
+inline float row_max(const float* x, int64_t n) { return row_max_f32(x, n); }
+inline float exp_sub_sum(float* x, int64_t n, float sub) { return exp_sub_sum_f32(x, n, sub); }
+inline void exp_sub(float* x, int64_t n, float sub) { (void)exp_sub_sum_f32(x, n, sub); }
+inline void scale_inplace(float* x, int64_t n, float a) { scale_f32(x, n, a); }
+inline void apply_mask(float* x, const uint8_t* m, int64_t n) { mask_f32(x, m, n); }
+inline void softmax_grad(float* dp, const float* p, int64_t n, float d, float scale) {
+  softmax_grad_f32(dp, p, n, d, scale);
+}
+inline float dot(const float* a, const float* b, int64_t n) { return dot_f32(a, b, n); }
+
+inline double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+inline double exp_sub_sum(double* x, int64_t n, double sub) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - sub));
+  return s;
+}
+inline void exp_sub(double* x, int64_t n, double sub) { (void)exp_sub_sum(x, n, sub); }
+inline void scale_inplace(double* x, int64_t n, double a) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+inline void apply_mask(double* x, const uint8_t* m, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!m[i]) x[i] = -std::numeric_limits<double>::infinity();
+}
+inline void softmax_grad(double* dp, const double* p, int64_t n, double d, double scale) {
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d) * scale;
+}
+inline double dot(const double* a, const double* b, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+}  // namespace dalle_fast
