@@ -1,0 +1,340 @@
+"""The DALL-E transformer (stage 2): a decoder-only model over text_len BPE tokens then the dVAE's
+image tokens in raster order, with the paper's sparse attention schedule.
+
+Sequence: text_0 .. text_{T-1}, image_0 .. image_{M-1} (N = T + M, M = image_size**2). The logits at
+position i predict token i + 1: positions 0..T-2 predict text tokens (the text head), positions
+T-1..N-2 predict image tokens (the image head); text_0 has no prediction (there is no BOS token).
+Padding is a token: [PAD] (id 0) at text position i becomes the learned token num_text_tokens + i.
+
+Each residual branch (AttentionBranch, MLPBranch) is its own module computing f(norm(x)) only; the
+identity path lives in TransformerLayer, so a later issue can wrap branches for per-resblock gradient
+scaling and shard them with FSDP2 without touching this file's math.
+"""
+import dataclasses
+import json
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tokenizer import PAD_ID
+
+KINDS = ("row", "column", "conv", "full")
+
+
+@dataclasses.dataclass
+class DALLEConfig:
+    num_text_tokens: int = 16384       # BPE vocabulary (the per-position padding tokens come on top)
+    text_len: int = 256
+    num_image_tokens: int = 8192       # dVAE codebook
+    image_size: int = 32               # image tokens per side
+    dim: int = 3968
+    depth: int = 64
+    heads: int = 62
+    dim_head: int = 64
+    mlp_mult: int = 4
+    conv_kernel: int = 11
+    backend: str = "fused"             # attention backend: fused | flex | dense
+    attention_kinds: Optional[list] = None  # None: the paper's schedule; or one kind per layer
+    dropout: float = 0.0
+    text_loss_weight: float = 1.0 / 8  # the image loss gets 1 - this (the paper: 1/8 and 7/8)
+
+    def __post_init__(self):
+        for name in ("num_text_tokens", "text_len", "num_image_tokens", "image_size", "dim", "depth",
+                     "heads", "dim_head", "mlp_mult"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"DALLEConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
+            raise ValueError(f"DALLEConfig.conv_kernel must be odd and >= 1, got {self.conv_kernel}")
+        if self.backend not in ("fused", "flex", "dense"):
+            raise ValueError(f"DALLEConfig.backend must be fused, flex or dense, got {self.backend!r}")
+        if self.attention_kinds is not None:
+            self.attention_kinds = list(self.attention_kinds)
+            if len(self.attention_kinds) != self.depth or any(k not in KINDS for k in self.attention_kinds):
+                raise ValueError(f"DALLEConfig.attention_kinds must list {self.depth} kinds from {KINDS}, "
+                                 f"got {self.attention_kinds}")
+        if not 0.0 <= self.text_loss_weight <= 1.0:
+            raise ValueError(f"DALLEConfig.text_loss_weight must be in [0, 1], got {self.text_loss_weight}")
+
+    @property
+    def image_len(self):
+        return self.image_size ** 2
+
+    @property
+    def seq_len(self):
+        return self.text_len + self.image_len
+
+    def kinds(self):
+        if self.attention_kinds is not None:
+            return list(self.attention_kinds)
+        from ..ops.sparse_attention import attention_schedule
+        return list(attention_schedule(self.depth))
+
+    @classmethod
+    def paper(cls, **kw):
+        """The 12B model of the paper: 64 layers, 62 heads of 64, d_model 3968, 256 + 32x32 tokens."""
+        return cls(**kw)
+
+    @classmethod
+    def tiny(cls, **kw):
+        """For tests: a few thousand parameters per layer."""
+        base = dict(num_text_tokens=64, text_len=8, num_image_tokens=32, image_size=4, dim=32, depth=2,
+                    heads=2, dim_head=16, conv_kernel=3)
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def shapes(cls, **kw):
+        """The bundled model: Shapes captions (about 20 BPE tokens) and a 64x64 -> 8x8 token dVAE."""
+        base = dict(num_text_tokens=128, text_len=24, num_image_tokens=256, image_size=8, dim=192, depth=4,
+                    heads=4, dim_head=48, conv_kernel=5)
+        return cls(**{**base, **kw})
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown DALLEConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+def _attention_module(cfg, kind):
+    from ..nn import SparseSelfAttention
+    return SparseSelfAttention(cfg.dim, cfg.heads, kind, cfg.text_len, cfg.image_size, dim_head=cfg.dim_head,
+                               conv_kernel=cfg.conv_kernel, backend=cfg.backend, dropout=cfg.dropout)
+
+
+class AttentionBranch(nn.Module):
+    """attn(norm(x)): one residual branch (no identity path)."""
+
+    def __init__(self, cfg, kind):
+        super().__init__()
+        self.kind = kind
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.attn = _attention_module(cfg, kind)
+
+    def forward(self, x, kv_cache=None, position=None):
+        return self.attn(self.norm(x), kv_cache=kv_cache, position=position)
+
+
+class MLPBranch(nn.Module):
+    """fc2(gelu(fc1(norm(x)))): one residual branch (no identity path)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_mult * cfg.dim)
+        self.fc2 = nn.Linear(cfg.mlp_mult * cfg.dim, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg, kind):
+        super().__init__()
+        self.attn = AttentionBranch(cfg, kind)
+        self.mlp = MLPBranch(cfg)
+
+    def forward(self, x, kv_cache=None, position=None):
+        x = x + self.attn(x, kv_cache=kv_cache, position=position)
+        return x + self.mlp(x)
+
+
+class DALLE(nn.Module):
+    def __init__(self, config, vae=None):
+        super().__init__()
+        if isinstance(config, dict):
+            config = DALLEConfig.from_dict(config)
+        cfg = self.config = config
+        if vae is not None:
+            self._check_vae(vae)
+        self.vae = vae  # not a submodule: the dVAE is frozen and saved on its own
+        self.text_emb = nn.Embedding(cfg.num_text_tokens + cfg.text_len, cfg.dim)
+        self.text_pos = nn.Embedding(cfg.text_len, cfg.dim)
+        self.image_emb = nn.Embedding(cfg.num_image_tokens, cfg.dim)
+        self.image_row = nn.Embedding(cfg.image_size, cfg.dim)
+        self.image_col = nn.Embedding(cfg.image_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, kind) for kind in cfg.kinds())
+        self.final_norm = nn.LayerNorm(cfg.dim)
+        self.to_text_logits = nn.Linear(cfg.dim, cfg.num_text_tokens + cfg.text_len)
+        self.to_image_logits = nn.Linear(cfg.dim, cfg.num_image_tokens)
+        self.reset_parameters()
+
+    # the dVAE is held outside the module tree so state_dict() is the transformer alone
+    def __setattr__(self, name, value):
+        if name == "vae":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _check_vae(self, vae):
+        cfg = self.config
+        if getattr(vae, "vocab_size", cfg.num_image_tokens) != cfg.num_image_tokens or \
+                getattr(vae, "tokens_per_side", cfg.image_size) != cfg.image_size:
+            raise ValueError(f"dVAE (vocab {vae.vocab_size}, {vae.tokens_per_side}x{vae.tokens_per_side} tokens) "
+                             f"does not match the transformer (vocab {cfg.num_image_tokens}, "
+                             f"{cfg.image_size}x{cfg.image_size} tokens)")
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        # GPT-2 style: N(0, 0.02), and the output projection of every branch scaled down by
+        # sqrt(2 * depth) so the residual stream's variance does not grow with depth.
+        if next(self.parameters()).device.type == "meta":
+            return
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        for layer in self.layers:
+            for name, p in list(layer.attn.attn.named_parameters()) + [("fc2.weight", layer.mlp.fc2.weight)]:
+                if name.endswith("weight") and ("out" in name or "proj" in name or name == "fc2.weight") \
+                        and "qkv" not in name:
+                    p.mul_(1.0 / math.sqrt(2 * self.config.depth))
+
+    def resblocks(self):
+        """The residual branches in order (2 per layer: attention then MLP)."""
+        for layer in self.layers:
+            yield layer.attn
+            yield layer.mlp
+
+    # ---- inputs ----
+    def text_ids(self, text):
+        """[PAD] (0) at position i -> the learned padding token num_text_tokens + i."""
+        cfg = self.config
+        if text.dim() != 2 or text.shape[1] != cfg.text_len:
+            raise ValueError(f"text must be (batch, text_len={cfg.text_len}) token ids, got {tuple(text.shape)}")
+        if text.dtype not in (torch.long, torch.int32):
+            raise TypeError(f"text must hold integer token ids, got {text.dtype}")
+        if text.numel() and (text.min() < 0 or text.max() >= cfg.num_text_tokens):
+            raise ValueError(f"text ids must be in [0, {cfg.num_text_tokens}), got [{int(text.min())}, {int(text.max())}]")
+        pos = torch.arange(cfg.text_len, device=text.device) + cfg.num_text_tokens
+        return torch.where(text == PAD_ID, pos.expand_as(text), text.long())
+
+    def _check_image(self, image, batch):
+        cfg = self.config
+        if image.dim() == 3:
+            image = image.flatten(1)
+        if image.dim() != 2 or image.shape[0] != batch or image.shape[1] > cfg.image_len:
+            raise ValueError(f"image tokens must be (batch={batch}, n <= {cfg.image_len}) or (batch, "
+                             f"{cfg.image_size}, {cfg.image_size}), got {tuple(image.shape)}")
+        if image.dtype not in (torch.long, torch.int32):
+            raise TypeError(f"image tokens must be integers, got {image.dtype}")
+        if image.numel() and (image.min() < 0 or image.max() >= cfg.num_image_tokens):
+            raise ValueError(f"image tokens must be in [0, {cfg.num_image_tokens})")
+        return image.long()
+
+    def embed_text(self, text):
+        return self.text_emb(self.text_ids(text)) + self.text_pos.weight
+
+    def embed_image(self, image, start=0):
+        """Embeddings of image tokens (B, n) at raster positions start .. start + n - 1."""
+        W = self.config.image_size
+        p = torch.arange(start, start + image.shape[1], device=image.device)
+        return self.image_emb(image) + self.image_row(p // W) + self.image_col(p % W)
+
+    # ---- outputs (fp32 logits, as the paper keeps its unembeddings in fp32) ----
+    def _logits(self, head, h):
+        dt = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for a float64 model
+        n = self.final_norm
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            x = F.layer_norm(h.to(dt), n.normalized_shape, n.weight.to(dt), n.bias.to(dt), n.eps)
+            return F.linear(x, head.weight.to(dt), head.bias.to(dt))
+
+    def text_logits(self, h):
+        return self._logits(self.to_text_logits, h)
+
+    def image_logits(self, h):
+        return self._logits(self.to_image_logits, h)
+
+    # ---- forward ----
+    def hidden(self, text, image=None, kv_caches=None):
+        """Final residual stream (B, n, dim) of the prefix text + image[:, :n_img] (n = T + n_img)."""
+        x = self.embed_text(text)
+        if image is not None and image.shape[1] > 0:
+            x = torch.cat([x, self.embed_image(image)], dim=1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, kv_cache=None if kv_caches is None else kv_caches[i])
+        return x
+
+    def forward(self, text, image=None, return_loss=False):
+        """text (B, text_len) ids; image (B, n) or (B, h, w) tokens with n <= image_len.
+        return_loss=False: (text_logits (B, T-1, text vocab + pads), image_logits (B, n_img, image vocab)),
+        image_logits[:, j] being the prediction of image token j. return_loss=True (full image):
+        the weighted loss, and its text and image parts as (loss, text_loss, image_loss)."""
+        cfg = self.config
+        B = text.shape[0] if text.dim() else 0
+        image = self._check_image(image, B) if image is not None else text.new_zeros(B, 0, dtype=torch.long)
+        if return_loss and image.shape[1] != cfg.image_len:
+            raise ValueError(f"the loss needs all {cfg.image_len} image tokens, got {image.shape[1]}")
+        text_ids = self.text_ids(text)
+        h = self.hidden(text, image)
+        T, n_img = cfg.text_len, image.shape[1]
+        text_logits = self.text_logits(h[:, :T - 1])
+        # position T-1+j predicts image token j; with n_img image tokens in, n_img predictions are scored
+        image_logits = self.image_logits(h[:, T - 1:T - 1 + n_img])
+        if not return_loss:
+            return text_logits, image_logits
+        text_loss = (F.cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]), text_ids[:, 1:].reshape(-1))
+                     if T > 1 else h.new_zeros((), dtype=torch.float32))
+        image_loss = F.cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]), image.reshape(-1))
+        w = cfg.text_loss_weight
+        return w * text_loss + (1 - w) * image_loss, text_loss.detach(), image_loss.detach()
+
+    # ---- cached decoding (used by dalle_fast.generate) ----
+    def new_kv_caches(self, batch, dtype=None, device=None):
+        from ..nn import KVCache
+        p = next(self.parameters())
+        cfg = self.config
+        return [KVCache(batch, cfg.heads, cfg.seq_len, cfg.dim_head, dtype or p.dtype, device or p.device)
+                for _ in self.layers]
+
+    def prefill(self, text, kv_caches):
+        """One parallel pass over the prompt: fills the caches at positions 0..T-1 and returns the
+        fp32 logits (B, image vocab) of image token 0."""
+        h = self.hidden(text, None, kv_caches)
+        return self.image_logits(h[:, -1])
+
+    def decode_step(self, image_token, index, kv_caches):
+        """image_token (B,) is image token `index` (sequence position T + index); writes its k/v into
+        the caches and returns the fp32 logits (B, image vocab) of image token index + 1."""
+        position = self.config.text_len + index
+        x = self.embed_image(image_token[:, None], start=index)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, kv_cache=cache, position=position)
+        return self.image_logits(x[:, -1])
+
+    # ---- files ----
+    def save_pretrained(self, directory, dtype=None):
+        from ..checkpoint import atomic_save_safetensors, atomic_write_json
+        os.makedirs(directory, exist_ok=True)
+        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+              for k, v in self.state_dict().items()}
+        atomic_save_safetensors(sd, os.path.join(directory, "model.safetensors"))
+        atomic_write_json({"model": "DALLE", "config": self.config.to_dict()}, os.path.join(directory, "config.json"))
+
+    @classmethod
+    def from_pretrained(cls, directory, vae=None, device="cpu", dtype=torch.float32, **overrides):
+        """overrides replace config fields (e.g. backend="dense")."""
+        from ..checkpoint import load_safetensors
+        path = os.path.join(directory, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no DALLE config.json in {directory}")
+        with open(path) as f:
+            meta = json.load(f)
+        cfg = DALLEConfig.from_dict({**meta["config"], **overrides})
+        model = cls(cfg, vae=vae)
+        sd = load_safetensors(os.path.join(directory, "model.safetensors"))
+        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
+        return model.to(device=device, dtype=dtype).eval()
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,102 @@
+"""`dalle-fast train-clip`: a small open_clip model trained with open_clip's contrastive loss on the
+same image-caption data as the transformer, so that CLIP reranking works end to end where no
+pretrained CLIP is at hand (nothing is downloaded). Writes an open_clip local-dir that
+dalle_fast.clip.CLIPReranker.from_pretrained reads.
+"""
+import argparse
+import os
+
+import torch
+
+from . import common
+
+
+def train_clip(args):
+    from open_clip.loss import ClipLoss
+    from ..clip import SHAPES_PREPROCESS, build_clip, save_clip, shapes_clip_config
+    from ..data import open_dataset
+    from ..tokenizer import BPETokenizer
+
+    torch.manual_seed(args.seed)
+    device = common.choose_device(args.device)
+    tokenizer = BPETokenizer.from_file(args.tokenizer)
+    cfg = shapes_clip_config(tokenizer.vocab_size, args.text_len, image_size=args.image_size,
+                             embed_dim=args.embed_dim, width=args.width, layers=args.layers)
+    model = build_clip(cfg, output_dict=True).to(device).train()
+    dataset = open_dataset(args.data, image_size=args.image_size, seed=args.seed + 1, length=args.length,
+                           split=args.split)
+    batches = common.ResumableBatches(dataset, args.batch_size, seed=args.seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = ClipLoss()
+    mean = torch.tensor(SHAPES_PREPROCESS["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(SHAPES_PREPROCESS["std"], device=device).view(1, 3, 1, 1)
+    bar = common.Progress(args.steps, enabled=not args.quiet, desc="train-clip")
+    log = common.MetricLog(args.out, ["step", "loss", "accuracy", "lr"])
+    try:
+        for step in range(args.steps):
+            images, captions = next(batches)
+            images = ((images.to(device) - mean) / std)
+            text = tokenizer.tokenize(captions, args.text_len).to(device)
+            lr = args.lr * min(1.0, (step + 1) / args.warmup) if step < args.warmup else \
+                common.cosine(step - args.warmup, args.steps - args.warmup, args.lr, args.lr * 0.01)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            out = model(images, text)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():  # open_clip clamps the learned temperature at 100
+                model.logit_scale.clamp_(0, 4.6052)
+                # identical captions in a batch are not negatives of each other; accuracy counts any match
+                sim = out["image_features"] @ out["text_features"].T
+                same = torch.tensor([[a == b for b in captions] for a in captions], device=device)
+                acc = same[torch.arange(len(captions)), sim.argmax(1)].float().mean().item()
+            bar.update(1, loss=float(loss), acc=acc)
+            if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+                log.log({"step": step + 1, "loss": float(loss), "accuracy": acc, "lr": lr})
+    finally:
+        bar.close()
+    model.eval()
+    save_clip(model, args.out, cfg, preprocess_cfg={**SHAPES_PREPROCESS, "size": args.image_size},
+              tokenizer_file=args.tokenizer)
+    log.write_json({"steps": args.steps, "final_loss": log.rows[-1]["loss"] if log.rows else None})
+    return args.out
+
+
+def register(subparsers):
+    p = subparsers.add_parser("train-clip", help="train a small open_clip CLIP for reranking (contrastive loss)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="shapes")
+    p.add_argument("--split", default="train")
+    p.add_argument("--length", type=int, default=20000)
+    p.add_argument("--tokenizer", required=True, help="the BPE tokenizer JSON (train-tokenizer)")
+    p.add_argument("--out", required=True, help="output directory (open_clip local-dir format)")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--text-len", type=int, default=24)
+    p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = train_clip(args)
+    print(f"wrote the CLIP model to {out}")
+    return 0
