@@ -49,11 +49,11 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& stats, double ep
 }
 
 // A tensor whose every batch row t[b] is one contiguous block (any stride between rows): the
-// kernels address element i of row b as b * row_stride + i. A channel slice of a wider decoder
-// output qualifies without a copy; anything else is made contiguous.
+// kernels address element i of row b as b * row_stride + i (row_stride >= 0). A channel slice of a
+// wider decoder output qualifies without a copy; anything else is made contiguous.
 inline at::Tensor rows_contiguous(const at::Tensor& t) {
   if (t.size(0) == 0 || t.numel() == 0) return t.contiguous();
-  if (t.select(0, 0).is_contiguous()) return t;
+  if (t.stride(0) >= 0 && t.select(0, 0).is_contiguous()) return t;
   return t.contiguous();
 }
 
