@@ -56,9 +56,9 @@ def train_clip(args):
                 sim = out["image_features"] @ out["text_features"].T
                 same = torch.tensor([[a == b for b in captions] for a in captions], device=device)
                 acc = same[torch.arange(len(captions)), sim.argmax(1)].float().mean().item()
-            bar.update(1, loss=float(loss), acc=acc)
+            bar.update(1, loss=loss.item(), acc=acc)
             if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-                log.log({"step": step + 1, "loss": float(loss), "accuracy": acc, "lr": lr})
+                log.log({"step": step + 1, "loss": loss.item(), "accuracy": acc, "lr": lr})
     finally:
         bar.close()
     model.eval()

@@ -190,9 +190,9 @@ def train_dalle(args):
             step += 1
             if ema is not None and step % args.ema_every == 0:
                 ema.update(model, step)
-            bar.update(1, loss=float(loss), img=float(image_loss), lr=lr)
+            bar.update(1, loss=loss.item(), img=float(image_loss), lr=lr)
             if step % args.log_every == 0 or step == args.steps:
-                log.log({"step": step, "loss": float(loss), "text_loss": float(text_loss),
+                log.log({"step": step, "loss": loss.item(), "text_loss": float(text_loss),
                          "image_loss": float(image_loss), "lr": lr, "grad_norm": norm, "skipped": skipped})
             if args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps):
                 common.save_training_state(args.run, step, model, ema, opt,
@@ -227,7 +227,8 @@ def register(subparsers):
     p.add_argument("--length", type=int, default=20000, help="Shapes items")
     p.add_argument("--vae", required=True, help="dVAE directory (save_pretrained / train-vae export)")
     p.add_argument("--tokenizer", required=True, help="tokenizer JSON (train-tokenizer)")
-    p.add_argument("--run", required=True, help="run directory (checkpoints, logs, samples, export)")
+    p.add_argument("--out", "--run", dest="run", required=True,
+                   help="run directory (checkpoints, logs, samples, export/)")
     p.add_argument("--preset", default="shapes", choices=PRESETS)
     for name in ("dim", "depth", "heads", "dim-head", "text-len", "conv-kernel"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the preset")
@@ -251,7 +252,7 @@ def register(subparsers):
     p.add_argument("--sample-every", type=int, default=0, help="write a sample grid every N steps (0: never)")
     p.add_argument("--sample-captions", nargs="*", default=None)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if RUN has checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--export-fp16", action="store_true", help="export the weights in fp16 (half the size)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Reproduces the bundled text-to-image model (dalle_fast/assets) from scratch with the project's own
+# commands, on the built-in Shapes set with every green triangle held out of training (the Shapes
+# split option), so that prompts naming one show zero-shot composition:
+#   1. train-tokenizer  BPE on Shapes training captions
+#   2. train-vae        small dVAE, 64x64 images -> 8x8 tokens of 512 codes
+#   3. train-dalle      the transformer (paper schedule: row, column, row, conv), tokens cached once
+#   4. train-clip       a small open_clip CLIP for reranking
+#   5. copy the exported model into dalle_fast/assets and draw docs/generate_grid.png
+#
+# Usage: scripts/make_bundled_model.sh [WORK_DIR]   (default build/bundled_model)
+# Every size is an environment variable so that tests/test_bundled.py can run a shortened version:
+#   VAE_STEPS DALLE_STEPS CLIP_STEPS LENGTH BATCH DEST GRID THREADS PYTHON
+# CPU time with the defaults: see README (about 20 minutes on 2 shared cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORK=${1:-build/bundled_model}
+PYTHON=${PYTHON:-.venv/bin/python}
+VAE_STEPS=${VAE_STEPS:-2000}
+DALLE_STEPS=${DALLE_STEPS:-3000}
+CLIP_STEPS=${CLIP_STEPS:-800}
+LENGTH=${LENGTH:-20000}          # Shapes items (training split) for the tokenizer, transformer and CLIP
+BATCH=${BATCH:-32}
+DEST=${DEST:-dalle_fast/assets}  # where the bundle goes ('' to skip copying)
+GRID=${GRID:-docs/generate_grid.png}
+THREADS=${THREADS:-2}
+CLI=("$PYTHON" -m dalle_fast.cli)
+SEEN=("a large red circle" "a small blue square" "a large yellow triangle"
+      "a small magenta circle above a large cyan square")
+HELD_OUT=("a large green triangle" "a small green triangle"
+          "a large green triangle to the left of a small red circle")
+
+mkdir -p "$WORK"
+start=$(date +%s)
+stamp() { echo "[$(($(date +%s) - start)) s] $*"; }
+
+stamp "1/5 tokenizer"
+"${CLI[@]}" train-tokenizer --data shapes --shapes-count "$LENGTH" --vocab-size 256 --out "$WORK/tokenizer.json"
+
+stamp "2/5 dVAE"
+if [ ! -f "$WORK/vae/model/config.json" ]; then
+  "${CLI[@]}" train-vae --data shapes --config small --out "$WORK/vae" --steps "$VAE_STEPS" \
+    --batch-size "$BATCH" --sample-every "$VAE_STEPS" --checkpoint-every "$VAE_STEPS" --no-progress
+fi
+
+stamp "3/5 transformer"
+"${CLI[@]}" train-dalle --data shapes --split train --length "$LENGTH" --vae "$WORK/vae/model" \
+  --tokenizer "$WORK/tokenizer.json" --out "$WORK/dalle" --preset shapes --text-len 16 \
+  --steps "$DALLE_STEPS" --batch-size "$BATCH" --lr 1e-3 --warmup $((DALLE_STEPS / 20 + 1)) \
+  --cache-tokens --ckpt-every "$DALLE_STEPS" --sample-every "$DALLE_STEPS" \
+  --sample-captions "${SEEN[0]}" "${HELD_OUT[0]}" --threads "$THREADS" --export-fp16 --quiet
+
+stamp "4/5 CLIP"
+"${CLI[@]}" train-clip --data shapes --split train --length "$LENGTH" --tokenizer "$WORK/tokenizer.json" \
+  --out "$WORK/dalle/export/clip" --text-len 16 --steps "$CLIP_STEPS" --batch-size 64 --threads "$THREADS" --quiet
+
+stamp "5/5 bundle and grid"
+if [ -n "$DEST" ]; then
+  rm -rf "$DEST.new" && cp -r "$WORK/dalle/export" "$DEST.new"
+  rm -f "$DEST.new/clip/metrics.csv" "$DEST.new/clip/metrics.json"
+  rm -rf "$DEST" && mv "$DEST.new" "$DEST"
+fi
+if [ -n "$GRID" ]; then
+  "${CLI[@]}" generate "${SEEN[@]}" "${HELD_OUT[@]}" --checkpoint "${DEST:-$WORK/dalle/export}" \
+    -n 32 --keep 6 --seed 0 --out "$GRID"
+fi
+stamp "done: $(du -sh "${DEST:-$WORK/dalle/export}" | cut -f1) in ${DEST:-$WORK/dalle/export}"
