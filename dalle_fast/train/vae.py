@@ -131,7 +131,7 @@ def train_vae(out, cfg: TrainVAEConfig = None, model_config=None, dataset=None, 
         mcfg = _model_config(model_config if model_config is not None else cfg.config)
 
     torch.manual_seed(cfg.seed)
-    model = DiscreteVAE(mcfg, backend=cfg.backend).to(device)
+    model = DiscreteVAE(mcfg, backend=cfg.backend).to(device, memory_format=common.memory_format(device))
     ema = common.EMA(model, cfg.ema_decay)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -178,7 +178,7 @@ def train_vae(out, cfg: TrainVAEConfig = None, model_config=None, dataset=None, 
         if stop_after is not None and step >= stop_after:
             break
         images, _ = next(batches)
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=common.memory_format(device))
         s = cfg.schedules(step)
         for g in opt.param_groups:
             g["lr"] = s["lr"]
