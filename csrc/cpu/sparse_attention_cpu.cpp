@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -84,9 +85,10 @@ struct Layout {
   std::vector<Segment> segs;
   std::vector<uint8_t> masks;
   int max_cols = 0, max_rows = 0;
+  int64_t pairs = 0;  // score elements over all blocks: the work per (batch, head)
 };
 
-MaskKind parse_kind(const std::string& kind) {
+MaskKind parse_kind(std::string_view kind) {
   if (kind == "full") return MaskKind::Full;
   if (kind == "row") return MaskKind::Row;
   if (kind == "column") return MaskKind::Column;
@@ -159,6 +161,7 @@ std::shared_ptr<const Layout> build_layout(const MaskSpec& ms, int bq) {
     }
     b.seg_end = (int)L->segs.size();
     b.ncols = nk;
+    L->pairs += (int64_t)nk * b.len;
     L->max_cols = std::max(L->max_cols, nk);
     L->max_rows = std::max(L->max_rows, b.len);
   }
@@ -187,7 +190,7 @@ std::shared_ptr<const Layout> get_layout(const MaskSpec& ms) {
 }
 
 // ---------------------------------------------------------------- checks
-MaskSpec check_and_spec(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::string& kind,
+MaskSpec check_and_spec(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::string_view kind,
                         int64_t text_len, int64_t image_size, int64_t conv_kernel) {
   TORCH_CHECK(q.dim() == 4, "sparse_attention: q must be 4-D (B, heads, N, D), got ", q.dim(), "-D");
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "sparse_attention: q, k, v must have the same shape, got ",
@@ -212,11 +215,13 @@ at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kD
 
 // Run fn(task, scratch) for tasks 0..n-1, dealt cyclically to threads (parallel_for hands out
 // contiguous chunks, and neighbouring tasks cost alike: text blocks are cheap, image blocks dear).
-// make_scratch() runs once per thread.
+// make_scratch() runs once per thread. Small problems (`work` multiply-adds) stay on the calling
+// thread: waking a team costs more than they do, and far more on an oversubscribed machine.
+constexpr int64_t kSerialWork = 1 << 18;
 template <typename Init, typename F>
-void parallel_cyclic(int64_t n, const Init& make_scratch, const F& fn) {
+void parallel_cyclic(int64_t n, int64_t work, const Init& make_scratch, const F& fn) {
   const int64_t p = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, p, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, p, work < kSerialWork ? p : 1, [&](int64_t b, int64_t e) {
     auto scratch = make_scratch();
     for (int64_t t = b; t < e; ++t)
       for (int64_t i = t; i < n; i += p) fn(i, scratch);
@@ -229,7 +234,8 @@ void forward_kernel(const Layout& L, const T* q, const T* k, const T* v, T* o, T
                     int64_t D, T scale) {
   const int64_t nb = (int64_t)L.blocks.size();
   const int64_t ncols = L.max_cols;
-  parallel_cyclic(BH * nb, [&] { return std::vector<T>((size_t)L.max_rows * ncols); }, [&](int64_t task, std::vector<T>& S) {
+  auto scratch = [&] { return std::vector<T>((size_t)L.max_rows * ncols); };
+  parallel_cyclic(BH * nb, BH * L.pairs * D, scratch, [&](int64_t task, std::vector<T>& S) {
         const int64_t bh = task % BH;
         const QueryBlock& b = L.blocks[task / BH];
         const int64_t base = bh * N * D, ldq = (int64_t)b.stride * D, K = b.ncols;
@@ -258,7 +264,7 @@ void forward_kernel(const Layout& L, const T* q, const T* k, const T* v, T* o, T
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                        std::string kind, int64_t text_len, int64_t image_size,
+                                                        std::string_view kind, int64_t text_len, int64_t image_size,
                                                         int64_t conv_kernel, double scale) {
   const MaskSpec ms = check_and_spec(q_, k_, v_, kind, text_len, image_size, conv_kernel);
   const auto ct = compute_type(q_.scalar_type());
@@ -286,7 +292,7 @@ void backward_kernel(const Layout& L, const T* dout, const T* q, const T* k, con
                      T* dq, T* dk, T* dv, int64_t BH, int64_t G, int64_t N, int64_t D, T scale) {
   const int64_t nb = (int64_t)L.blocks.size(), ncols = L.max_cols;
   auto scratch = [&] { return std::vector<T>((size_t)2 * L.max_rows * ncols); };
-  parallel_cyclic(BH * G, scratch, [&](int64_t task, std::vector<T>& buf) {
+  parallel_cyclic(BH * G, BH * L.pairs * D, scratch, [&](int64_t task, std::vector<T>& buf) {
     const int64_t bh = task / G, grp = task % G;
     const int64_t base = bh * N * D;
     T* dK = dk + (G == 1 ? base : task * N * D);
@@ -324,7 +330,7 @@ void backward_kernel(const Layout& L, const T* dout, const T* q, const T* k, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
-    const at::Tensor& lse_, std::string kind, int64_t text_len, int64_t image_size, int64_t conv_kernel, double scale) {
+    const at::Tensor& lse_, std::string_view kind, int64_t text_len, int64_t image_size, int64_t conv_kernel, double scale) {
   const MaskSpec ms = check_and_spec(q_, k_, v_, kind, text_len, image_size, conv_kernel);
   TORCH_CHECK(grad_out.sizes() == q_.sizes() && out_.sizes() == q_.sizes(),
               "_sparse_attention_backward: grad_out and out must have q's shape ", q_.sizes());
@@ -368,7 +374,9 @@ void decode_kernel(const MaskSpec& ms, int position, const at::Tensor& q, const 
   for (int64_t n = 0; n < cnt; ++n) keys[n] = ms.allowed_key(position, (int)n);
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  at::parallel_for(0, B * H, 1, [&](int64_t b0, int64_t b1) {
+  // Memory-bound: worth a second thread sooner than the GEMM-bound kernels.
+  const int64_t grain = std::max<int64_t>(1, (kSerialWork / 8) / std::max<int64_t>(1, cnt * D));
+  at::parallel_for(0, B * H, grain, [&](int64_t b0, int64_t b1) {
     std::vector<acc> qv(D), s(cnt), ov(D);
     for (int64_t bh = b0; bh < b1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -399,7 +407,7 @@ void decode_kernel(const MaskSpec& ms, int position, const at::Tensor& q, const 
 }
 
 at::Tensor sparse_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                       int64_t position, std::string kind, int64_t text_len, int64_t image_size,
+                                       int64_t position, std::string_view kind, int64_t text_len, int64_t image_size,
                                        int64_t conv_kernel, double scale) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "sparse_attention_decode: q must be (B, heads, 1, D), got ", q.sizes());
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
