@@ -33,9 +33,9 @@ template <typename acc> struct VecMath {
   static V log(V v) { return v.log(); }
   static V exp(V v) { return v.exp(); }
   static V abs(V v) { return v.abs(); }
-  static V sign(V d) {  // torch.sign: 0 at 0, NaN stays NaN
-    const V zero(0);
-    return V::blendv(V::blendv(d, V(1), d > zero), V(-1), d < zero);
+  static V sign(V d) {  // torch.sign: 0 at 0 and for NaN (comparisons give all-ones masks; & 1 keeps 1.0)
+    const V zero(0), one(1);
+    return ((d > zero) & one) - ((d < zero) & one);
   }
 };
 

@@ -14,7 +14,7 @@ Behaviour worth knowing:
   same run to run and whatever the thread count. The backward recomputes from (x, stats) in one pass.
 - Gradients: d/dmu = -sign(logit(x') - mu) / b, d/dln b = 1 - |logit(x') - mu| / b, and to x through
   x' when x requires grad. sign is torch.sign's: 0 where logit(x') == mu exactly (the subgradient
-  eager autograd of |.| gives too), NaN for NaN.
+  eager autograd of |.| gives too) and 0 for NaN, as in eager autograd of the formula.
 - x outside [0, 1], or NaN in x, raises a RuntimeError naming x (checked inside the forward kernel,
   at no extra pass; on CUDA reading the flag synchronises). NaN or inf in stats is not an error: it
   propagates into the loss and the gradients as in the eager formula.

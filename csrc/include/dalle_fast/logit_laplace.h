@@ -8,7 +8,8 @@
 //   dloss/dmu  = -sign(d) / b
 //   dloss/dlnb = 1 - |d| / b
 //   dloss/dx   = a (1 - 2 x' + sign(d) / b) / (x' (1 - x'))
-// sign is torch.sign's: 0 at d == 0 (the subgradient autograd gives |.| there), NaN for NaN.
+// sign is torch.sign's: 0 at d == 0 (the subgradient autograd gives |.| there) and 0 for NaN, so a NaN
+// mu gives d/dmu = 0 and a NaN d/dln b, exactly as eager autograd of the formula does.
 #pragma once
 
 #include <cmath>
@@ -32,7 +33,7 @@ template <> struct ScalarMath<float> {
   static DF_HOST_DEVICE float log(float v) { return ::logf(v); }
   static DF_HOST_DEVICE float exp(float v) { return ::expf(v); }
   static DF_HOST_DEVICE float abs(float v) { return ::fabsf(v); }
-  static DF_HOST_DEVICE float sign(float v) { return v > 0.f ? 1.f : (v < 0.f ? -1.f : v); }
+  static DF_HOST_DEVICE float sign(float v) { return static_cast<float>(v > 0.f) - static_cast<float>(v < 0.f); }
 };
 
 template <> struct ScalarMath<double> {
@@ -41,7 +42,7 @@ template <> struct ScalarMath<double> {
   static DF_HOST_DEVICE double log(double v) { return ::log(v); }
   static DF_HOST_DEVICE double exp(double v) { return ::exp(v); }
   static DF_HOST_DEVICE double abs(double v) { return ::fabs(v); }
-  static DF_HOST_DEVICE double sign(double v) { return v > 0. ? 1. : (v < 0. ? -1. : v); }
+  static DF_HOST_DEVICE double sign(double v) { return static_cast<double>(v > 0.) - static_cast<double>(v < 0.); }
 };
 
 // Constants of one call, in the accumulation type (float for fp32/fp16/bf16, double for double).
