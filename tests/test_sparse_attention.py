@@ -208,6 +208,13 @@ def test_opcheck():
         q, k, v, kind, T, S = args
         scale = 1.0 / q.shape[-1] ** 0.5
         torch.library.opcheck(torch.ops.dalle_fast.sparse_attention, (q, k, v, kind, T, S, kw["conv_kernel"], scale))
+    # Views of one qkv buffer, as SparseSelfAttention passes them: the fake kernel must still promise
+    # the contiguous outputs the kernel returns.
+    qkv_ = torch.randn(2, 7, 3, 2, 8).permute(2, 0, 3, 1, 4).requires_grad_()
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_attention, (*qkv_.unbind(0), "row", 3, 2, 11, 0.3))
+    kc = torch.randn(2, 9, 2, 8).transpose(1, 2)
+    torch.library.opcheck(torch.ops.dalle_fast.sparse_attention_decode,
+                          (qkv_[0, :, :, :1].detach(), kc, kc, 4, "column", 3, 2, 11, 0.3))
 
 
 def test_double_backward_raises_clearly():

@@ -135,21 +135,21 @@ def _(q, k, v, kind, text_len, image_size, conv_kernel, scale):
     torch._check(q.shape[2] == text_len + image_size * image_size,
                  lambda: "sparse_attention: N != text_len + image_size**2")
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)  # contiguous, as the kernels
 
 
 @torch.library.register_fake("dalle_fast::_sparse_attention_backward")
 def _(grad_out, q, k, v, out, lse, kind, text_len, image_size, conv_kernel, scale):
     torch._check(grad_out.shape == q.shape and out.shape == q.shape,
                  lambda: "_sparse_attention_backward: grad_out/out shapes differ from q")
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.register_fake("dalle_fast::sparse_attention_decode")
 def _(q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel, scale):
     torch._check(q.dim() == 4 and q.shape[2] == 1, lambda: "sparse_attention_decode: q must be (B, heads, 1, D)")
     torch._check(k_cache.shape == v_cache.shape, lambda: "sparse_attention_decode: cache shapes differ")
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 # ---------------------------------------------------------------- autograd
