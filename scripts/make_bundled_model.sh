@@ -10,7 +10,7 @@
 #
 # Usage: scripts/make_bundled_model.sh [WORK_DIR]   (default build/bundled_model)
 # Every size is an environment variable so that tests/test_bundled.py can run a shortened version:
-#   VAE_STEPS DALLE_STEPS CLIP_STEPS LENGTH BATCH DEST GRID THREADS PYTHON
+#   VAE_STEPS DALLE_STEPS CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
 # CPU time with the defaults: see README (about 20 minutes on 2 shared cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,8 @@ BATCH=${BATCH:-32}
 DEST=${DEST:-dalle_fast/assets}  # where the bundle goes ('' to skip copying)
 GRID=${GRID:-docs/generate_grid.png}
 THREADS=${THREADS:-2}
+N_SAMPLES=${N_SAMPLES:-32}       # samples drawn per prompt of the grid, reranked by CLIP
+KEEP=${KEEP:-6}                  # kept per prompt
 CLI=("$PYTHON" -m dalle_fast.cli)
 SEEN=("a large red circle" "a small blue square" "a large yellow triangle"
       "a small magenta circle above a large cyan square")
@@ -63,6 +65,6 @@ if [ -n "$DEST" ]; then
 fi
 if [ -n "$GRID" ]; then
   "${CLI[@]}" generate "${SEEN[@]}" "${HELD_OUT[@]}" --checkpoint "${DEST:-$WORK/dalle/export}" \
-    -n 32 --keep 6 --seed 0 --out "$GRID"
+    -n "$N_SAMPLES" --keep "$KEEP" --seed 0 --threads "$THREADS" --out "$GRID"
 fi
 stamp "done: $(du -sh "${DEST:-$WORK/dalle/export}" | cut -f1) in ${DEST:-$WORK/dalle/export}"

@@ -20,7 +20,8 @@ def parts():
     tok = BPETokenizer.train(list(Shapes(300, seed=1).captions()), vocab_size=100)
     vae = DiscreteVAE(DVAEConfig.tiny()).eval()
     cfg = DALLEConfig.tiny(num_text_tokens=tok.vocab_size, num_image_tokens=vae.vocab_size,
-                           image_size=vae.tokens_per_side, text_len=12, depth=5)
+                           image_size=vae.tokens_per_side, text_len=12, depth=3,
+                           attention_kinds=["row", "column", "conv"])
     model = DALLE(cfg, vae=vae).eval()
     model.tokenizer = tok
     return model, vae, tok

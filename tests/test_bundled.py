@@ -1,0 +1,52 @@
+"""The bundled text-to-image model: it loads from the package and generates with no --checkpoint, and
+scripts/make_bundled_model.sh reproduces such a bundle end to end (a shortened run here)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dalle_fast.generate import bundled_model_dir, generate, load_bundle
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bundled_assets_are_small_and_complete():
+    root = bundled_model_dir()
+    for need in ("dalle/config.json", "dalle/model.safetensors", "dvae/config.json", "dvae/model.safetensors",
+                 "tokenizer.json", "clip/open_clip_config.json", "clip/open_clip_model.safetensors"):
+        assert os.path.isfile(os.path.join(root, need)), need
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+    assert size < 12 * 2 ** 20, f"bundle is {size / 2 ** 20:.1f} MiB"
+
+
+def test_bundled_model_generates_with_the_fused_backend_and_reranks():
+    model, vae, tok, clip = load_bundle()
+    assert model.config.backend == "fused" and clip is not None
+    assert model.config.num_image_tokens == vae.vocab_size and model.config.image_size == vae.tokens_per_side
+    out = generate(model, vae, ["a large green triangle", "a small red circle"], num_images=3, keep=2,
+                   clip=clip, seed=0, tokenizer=tok)
+    assert out.images.shape == (2, 2, 3, vae.image_size, vae.image_size)
+    assert (out.scores[:, 0] >= out.scores[:, 1]).all()
+
+
+def test_generate_command_without_checkpoint_uses_the_bundle(tmp_path):
+    from dalle_fast.cli import main
+    out = tmp_path / "g.png"
+    assert main(["generate", "a large green triangle", "-n", "2", "--keep", "1", "--out", str(out)]) == 0
+    assert out.is_file() and len(os.listdir(tmp_path / "g")) == 1
+
+
+def test_bundle_script_end_to_end_shortened(tmp_path):
+    """The real script with tiny step counts: tokenizer, dVAE, transformer, CLIP, export, grid."""
+    env = dict(os.environ, VAE_STEPS="2", DALLE_STEPS="3", CLIP_STEPS="2", LENGTH="64", BATCH="8",
+               N_SAMPLES="2", KEEP="1", DEST="", GRID=str(tmp_path / "grid.png"), PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "make_bundled_model.sh"), str(tmp_path / "work")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    export = tmp_path / "work" / "dalle" / "export"
+    model, vae, tok, clip = load_bundle(str(export))
+    assert clip is not None and (tmp_path / "grid.png").is_file()
+    assert model.config.text_len == 16 and model.config.image_size == vae.tokens_per_side == 8
+    assert next(model.parameters()).dtype == torch.float32  # exported in fp16, loaded back as fp32
