@@ -365,41 +365,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
 // ---------------------------------------------------------------- decode
 // One query per (batch, head) at `position`: gathers exactly MaskSpec::allowed_count keys through
 // allowed_key, reading the caches in place (any batch/head/sequence strides, unit stride in D).
+// A cache row as float: the row itself for float, else converted into tmp (D elements).
+inline const float* row_as_acc(const float* r, int64_t, float*) { return r; }
+inline const double* row_as_acc(const double* r, int64_t, double*) { return r; }
+template <typename scalar_t>
+const float* row_as_acc(const scalar_t* r, int64_t D, float* tmp) {
+  for (int64_t d = 0; d < D; ++d) tmp[d] = (float)r[d];
+  return tmp;
+}
+
 template <typename scalar_t>
 void decode_kernel(const MaskSpec& ms, int position, const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                    at::Tensor& out, double scale) {
   using acc = acc_t<scalar_t>;
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), cnt = ms.allowed_count(position);
-  std::vector<int> keys(cnt);
+  std::vector<int64_t> keys(cnt);
   for (int64_t n = 0; n < cnt; ++n) keys[n] = ms.allowed_key(position, (int)n);
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = kc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t ks = kc.stride(2), vs = vc.stride(2);
   // Memory-bound: worth a second thread sooner than the GEMM-bound kernels.
   const int64_t grain = std::max<int64_t>(1, (kSerialWork / 8) / std::max<int64_t>(1, cnt * D));
   at::parallel_for(0, B * H, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<acc> qv(D), s(cnt), ov(D);
+    std::vector<acc> qv(D), s(cnt), ov(D), tmp(D);
     for (int64_t bh = b0; bh < b1; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const scalar_t* qr = qp + b * q.stride(0) + h * q.stride(1);
       const scalar_t* K = kp + b * kc.stride(0) + h * kc.stride(1);
       const scalar_t* V = vp + b * vc.stride(0) + h * vc.stride(1);
       for (int64_t d = 0; d < D; ++d) qv[d] = (acc)qr[d] * (acc)scale;
-      acc mx = -std::numeric_limits<acc>::infinity();
-      for (int64_t n = 0; n < cnt; ++n) {
-        const scalar_t* kr = K + keys[n] * kc.stride(2);
-        acc dotv = 0;
-        for (int64_t d = 0; d < D; ++d) dotv += qv[d] * (acc)kr[d];
-        s[n] = dotv;
-        mx = std::max(mx, dotv);
-      }
-      acc sum = 0;
-      for (int64_t n = 0; n < cnt; ++n) sum += (s[n] = std::exp(s[n] - mx));
+      for (int64_t n = 0; n < cnt; ++n) s[n] = dot(qv.data(), row_as_acc(K + keys[n] * ks, D, tmp.data()), D);
+      const acc mx = row_max(s.data(), cnt);
+      const acc sum = exp_sub_sum(s.data(), cnt, mx);
       std::fill(ov.begin(), ov.end(), acc(0));
-      for (int64_t n = 0; n < cnt; ++n) {
-        const scalar_t* vr = V + keys[n] * vc.stride(2);
-        const acc p = s[n];
-        for (int64_t d = 0; d < D; ++d) ov[d] += p * (acc)vr[d];
-      }
+      for (int64_t n = 0; n < cnt; ++n) axpy(ov.data(), s[n], row_as_acc(V + keys[n] * vs, D, tmp.data()), D);
       scalar_t* orow = op + bh * D;
       for (int64_t d = 0; d < D; ++d) orow[d] = (scalar_t)(ov[d] / sum);
     }

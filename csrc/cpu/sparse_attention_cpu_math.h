@@ -81,6 +81,12 @@ DF_SIMD_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// y += a * x
+DF_SIMD_CLONES void axpy_f32(float* y, float a, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
 // Overloads the templated kernel calls: float goes to the clones above, double to plain loops.
 inline float row_max(const float* x, int64_t n) { return row_max_f32(x, n); }
 inline float exp_sub_sum(float* x, int64_t n, float sub) { return exp_sub_sum_f32(x, n, sub); }
@@ -91,6 +97,10 @@ inline void softmax_grad(float* dp, const float* p, int64_t n, float d, float sc
   softmax_grad_f32(dp, p, n, d, scale);
 }
 inline float dot(const float* a, const float* b, int64_t n) { return dot_f32(a, b, n); }
+inline void axpy(float* y, float a, const float* x, int64_t n) { axpy_f32(y, a, x, n); }
+inline void axpy(double* y, double a, const double* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
 
 inline double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
