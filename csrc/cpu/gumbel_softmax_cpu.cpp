@@ -83,6 +83,7 @@ namespace {
 constexpr int kLanes = 64;     // forward, inner > 1: inner positions per work item (one noise block)
 constexpr int kBwdLanes = 64;  // backward, inner > 1: 256 B per row (16 lanes measured 1.5x slower)
 constexpr int kRowLanes = 16;  // inner == 1: independent partial reductions along C
+constexpr int kFewLanes = 8;   // up to this many elements, draw noise per element, not per block
 constexpr int64_t kMaxScratchBytes = int64_t(16) << 20;  // beyond this, recompute z instead
 
 enum class Noise { kSeed, kGiven, kNone };
@@ -131,7 +132,9 @@ template <typename T, Noise kNoise>
 DF_INLINE void make_z(const FwdArgs<T>& a, int64_t e0, int64_t n, acc_t<T>* z, acc_t<T>* noise) {
   using acc = acc_t<T>;
   const acc* g = noise;
-  if constexpr (kNoise == Noise::kSeed) {
+  if (kNoise == Noise::kSeed && n <= kFewLanes) {  // narrow rows (small inner): no whole blocks
+    for (int64_t l = 0; l < n; ++l) noise[l] = gumbel_noise<acc>(a.key, static_cast<uint64_t>(e0 + l));
+  } else if constexpr (kNoise == Noise::kSeed) {
     const int off = static_cast<int>(e0 & (kNoiseBlock - 1));
     noise_block(a.key, static_cast<uint64_t>(e0) >> 6, noise);
     if (off + n > kNoiseBlock) noise_block(a.key, (static_cast<uint64_t>(e0) >> 6) + 1, noise + kNoiseBlock);

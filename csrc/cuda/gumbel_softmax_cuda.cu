@@ -237,15 +237,22 @@ int column_splits(int64_t tiles, int64_t C) {
 
 int64_t row_blocks(int64_t outer) { return std::min<int64_t>(outer, int64_t(1) << 20); }
 
+int64_t column_blocks(const SoftmaxLayout& lay) {
+  const int64_t blocks = lay.outer * ((lay.inner + kWarp - 1) / kWarp);
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "gumbel_softmax: tensor too large for the CUDA grid (",
+              blocks, " blocks of 32 positions)");
+  return blocks;
+}
+
 template <typename T, Noise kNoise, bool kHard>
 void launch_forward(const FwdParams<T>& p) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   if (p.lay.inner == 1) {
     rows_forward_kernel<T, kNoise, kHard><<<row_blocks(p.lay.outer), kRowThreads, 0, stream>>>(p);
   } else {
-    const int64_t tiles = (p.lay.inner + kWarp - 1) / kWarp;
-    const dim3 block(kWarp, column_splits(p.lay.outer * tiles, p.lay.C));
-    columns_forward_kernel<T, kNoise, kHard><<<p.lay.outer * tiles, block, 0, stream>>>(p);
+    const int64_t blocks = column_blocks(p.lay);
+    const dim3 block(kWarp, column_splits(blocks, p.lay.C));
+    columns_forward_kernel<T, kNoise, kHard><<<blocks, block, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -322,9 +329,9 @@ at::Tensor gumbel_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor
     if (lay.inner == 1) {
       rows_backward_kernel<scalar_t><<<row_blocks(lay.outer), kRowThreads, 0, stream>>>(gp, yp, dp, lay, inv_tau);
     } else {
-      const int64_t tiles = (lay.inner + kWarp - 1) / kWarp;
-      const dim3 block(kWarp, column_splits(lay.outer * tiles, lay.C));
-      columns_backward_kernel<scalar_t><<<lay.outer * tiles, block, 0, stream>>>(gp, yp, dp, lay, inv_tau);
+      const int64_t blocks = column_blocks(lay);
+      const dim3 block(kWarp, column_splits(blocks, lay.C));
+      columns_backward_kernel<scalar_t><<<blocks, block, 0, stream>>>(gp, yp, dp, lay, inv_tau);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
