@@ -10,16 +10,18 @@
 #
 # Usage: scripts/make_bundled_model.sh [WORK_DIR]   (default build/bundled_model)
 # Every size is an environment variable so that tests/test_bundled.py can run a shortened version:
-#   VAE_STEPS DALLE_STEPS CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
+#   VAE_STEPS VAE_BATCH DALLE_STEPS CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
+# A step whose output is already in WORK_DIR (dVAE, CLIP, transformer export) is not run again.
 # CPU time with the defaults: see README (about 20 minutes on 2 shared cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORK=${1:-build/bundled_model}
 PYTHON=${PYTHON:-.venv/bin/python}
-VAE_STEPS=${VAE_STEPS:-2000}
+VAE_STEPS=${VAE_STEPS:-300}
+VAE_BATCH=${VAE_BATCH:-16}
 DALLE_STEPS=${DALLE_STEPS:-3000}
-CLIP_STEPS=${CLIP_STEPS:-800}
+CLIP_STEPS=${CLIP_STEPS:-300}
 LENGTH=${LENGTH:-20000}          # Shapes items (training split) for the tokenizer, transformer and CLIP
 BATCH=${BATCH:-32}
 DEST=${DEST:-dalle_fast/assets}  # where the bundle goes ('' to skip copying)
@@ -38,15 +40,17 @@ start=$(date +%s)
 stamp() { echo "[$(($(date +%s) - start)) s] $*"; }
 
 stamp "1/5 tokenizer"
-"${CLI[@]}" train-tokenizer --data shapes --shapes-count "$LENGTH" --vocab-size 256 --out "$WORK/tokenizer.json"
+[ -f "$WORK/tokenizer.json" ] || \
+  "${CLI[@]}" train-tokenizer --data shapes --shapes-count "$LENGTH" --vocab-size 256 --out "$WORK/tokenizer.json"
 
 stamp "2/5 dVAE"
 if [ ! -f "$WORK/vae/model/config.json" ]; then
   "${CLI[@]}" train-vae --data shapes --config small --out "$WORK/vae" --steps "$VAE_STEPS" \
-    --batch-size "$BATCH" --sample-every "$VAE_STEPS" --checkpoint-every "$VAE_STEPS" --no-progress
+    --batch-size "$VAE_BATCH" --sample-every "$VAE_STEPS" --checkpoint-every "$VAE_STEPS" --no-progress
 fi
 
 stamp "3/5 transformer"
+[ -f "$WORK/dalle/export/dalle/config.json" ] || \
 "${CLI[@]}" train-dalle --data shapes --split train --length "$LENGTH" --vae "$WORK/vae/model" \
   --tokenizer "$WORK/tokenizer.json" --out "$WORK/dalle" --preset shapes --text-len 16 \
   --steps "$DALLE_STEPS" --batch-size "$BATCH" --lr 1e-3 --warmup $((DALLE_STEPS / 20 + 1)) \
@@ -54,13 +58,16 @@ stamp "3/5 transformer"
   --sample-captions "${SEEN[0]}" "${HELD_OUT[0]}" --threads "$THREADS" --export-fp16 --quiet
 
 stamp "4/5 CLIP"
+[ -f "$WORK/clip/open_clip_config.json" ] || \
 "${CLI[@]}" train-clip --data shapes --split train --length "$LENGTH" --tokenizer "$WORK/tokenizer.json" \
-  --out "$WORK/dalle/export/clip" --text-len 16 --steps "$CLIP_STEPS" --batch-size 64 --threads "$THREADS" --quiet
+  --out "$WORK/clip" --text-len 16 --steps "$CLIP_STEPS" --batch-size 32 --width 64 --lr 2e-3 --threads "$THREADS" --quiet
+rm -rf "$WORK/dalle/export/clip" && mkdir -p "$WORK/dalle/export/clip"
+cp "$WORK/clip/open_clip_config.json" "$WORK/clip/open_clip_model.safetensors" "$WORK/clip/tokenizer.json" \
+  "$WORK/dalle/export/clip/"
 
 stamp "5/5 bundle and grid"
 if [ -n "$DEST" ]; then
   rm -rf "$DEST.new" && cp -r "$WORK/dalle/export" "$DEST.new"
-  rm -f "$DEST.new/clip/metrics.csv" "$DEST.new/clip/metrics.json"
   rm -rf "$DEST" && mv "$DEST.new" "$DEST"
 fi
 if [ -n "$GRID" ]; then
