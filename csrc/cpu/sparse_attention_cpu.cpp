@@ -193,11 +193,12 @@ std::shared_ptr<const Layout> get_layout(const MaskSpec& ms) {
 MaskSpec check_and_spec(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, std::string_view kind,
                         int64_t text_len, int64_t image_size, int64_t conv_kernel) {
   TORCH_CHECK(q.dim() == 4, "sparse_attention: q must be 4-D (B, heads, N, D), got ", q.dim(), "-D");
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "sparse_attention: q, k, v must have the same shape, got ",
-              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "sparse_attention: q, k, v must have the same shape, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "sparse_attention: q, k, v must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "sparse_attention: q must be a floating tensor, got ", q.scalar_type());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "sparse_attention: q must be a floating tensor, got ",
+              q.scalar_type());
   TORCH_CHECK(text_len >= 0, "sparse_attention: text_len must be >= 0, got ", text_len);
   TORCH_CHECK(image_size >= 1, "sparse_attention: image_size must be >= 1, got ", image_size);
   TORCH_CHECK(conv_kernel >= 1 && conv_kernel % 2 == 1, "sparse_attention: conv_kernel must be odd and positive, got ",
@@ -236,36 +237,38 @@ void forward_kernel(const Layout& L, const T* q, const T* k, const T* v, T* o, T
   const int64_t ncols = L.max_cols;
   auto scratch = [&] { return std::vector<T>((size_t)L.max_rows * ncols); };
   parallel_cyclic(BH * nb, BH * L.pairs * D, scratch, [&](int64_t task, std::vector<T>& S) {
-        const int64_t bh = task % BH;
-        const QueryBlock& b = L.blocks[task / BH];
-        const int64_t base = bh * N * D, ldq = (int64_t)b.stride * D, K = b.ncols;
-        const T* Q = q + base + (int64_t)b.q0 * D;
-        for (int s = b.seg_begin; s < b.seg_end; ++s) {
-          const Segment& g = L.segs[s];
-          gemm_rm<T>(false, true, b.len, g.len, D, scale, Q, ldq, k + base + (int64_t)g.k0 * D, (int64_t)g.stride * D,
-                     T(0), S.data() + g.col, K);
-          if (g.mask_off >= 0)
-            for (int r = 0; r < b.len; ++r) apply_mask(S.data() + r * K + g.col, L.masks.data() + g.mask_off + r * g.len, g.len);
-        }
-        for (int r = 0; r < b.len; ++r) {
-          T* row = S.data() + r * K;
-          const T mx = row_max(row, K);
-          const T sum = exp_sub_sum(row, K, mx);
-          scale_inplace(row, K, T(1) / sum);
-          lse[bh * N + b.q0 + (int64_t)r * b.stride] = mx + std::log(sum);
-        }
-        T* O = o + base + (int64_t)b.q0 * D;
-        for (int s = b.seg_begin; s < b.seg_end; ++s) {
-          const Segment& g = L.segs[s];
-          gemm_rm<T>(false, false, b.len, D, g.len, T(1), S.data() + g.col, K, v + base + (int64_t)g.k0 * D,
-                     (int64_t)g.stride * D, s == b.seg_begin ? T(0) : T(1), O, ldq);
-        }
+    const int64_t bh = task % BH;
+    const QueryBlock& b = L.blocks[task / BH];
+    const int64_t base = bh * N * D, ldq = (int64_t)b.stride * D, K = b.ncols;
+    const T* Q = q + base + (int64_t)b.q0 * D;
+    for (int s = b.seg_begin; s < b.seg_end; ++s) {
+      const Segment& g = L.segs[s];
+      const int64_t ldk = (int64_t)g.stride * D;
+      gemm_rm<T>(false, true, b.len, g.len, D, scale, Q, ldq, k + base + g.k0 * D, ldk, T(0), S.data() + g.col, K);
+      if (g.mask_off >= 0)
+        for (int r = 0; r < b.len; ++r)
+          apply_mask(S.data() + r * K + g.col, L.masks.data() + g.mask_off + r * g.len, g.len);
+    }
+    for (int r = 0; r < b.len; ++r) {
+      T* row = S.data() + r * K;
+      const T mx = row_max(row, K);
+      const T sum = exp_sub_sum(row, K, mx);
+      scale_inplace(row, K, T(1) / sum);
+      lse[bh * N + b.q0 + (int64_t)r * b.stride] = mx + std::log(sum);
+    }
+    T* O = o + base + (int64_t)b.q0 * D;
+    for (int s = b.seg_begin; s < b.seg_end; ++s) {
+      const Segment& g = L.segs[s];
+      const int64_t ldv = (int64_t)g.stride * D;
+      gemm_rm<T>(false, false, b.len, D, g.len, T(1), S.data() + g.col, K, v + base + g.k0 * D, ldv,
+                 s == b.seg_begin ? T(0) : T(1), O, ldq);
+    }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-                                                        std::string_view kind, int64_t text_len, int64_t image_size,
-                                                        int64_t conv_kernel, double scale) {
+std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q_, const at::Tensor& k_,
+                                                        const at::Tensor& v_, std::string_view kind, int64_t text_len,
+                                                        int64_t image_size, int64_t conv_kernel, double scale) {
   const MaskSpec ms = check_and_spec(q_, k_, v_, kind, text_len, image_size, conv_kernel);
   const auto ct = compute_type(q_.scalar_type());
   // fp16/bf16 run in fp32 (upcast once): the tile GEMMs then take the fp32 BLAS path.
@@ -329,8 +332,9 @@ void backward_kernel(const Layout& L, const T* dout, const T* q, const T* k, con
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& out_,
-    const at::Tensor& lse_, std::string_view kind, int64_t text_len, int64_t image_size, int64_t conv_kernel, double scale) {
+    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out_, const at::Tensor& lse_, std::string_view kind, int64_t text_len, int64_t image_size,
+    int64_t conv_kernel, double scale) {
   const MaskSpec ms = check_and_spec(q_, k_, v_, kind, text_len, image_size, conv_kernel);
   TORCH_CHECK(grad_out.sizes() == q_.sizes() && out_.sizes() == q_.sizes(),
               "_sparse_attention_backward: grad_out and out must have q's shape ", q_.sizes());
@@ -345,7 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
   if (BH == 0) return {dq.to(q_.scalar_type()), at::zeros_like(k_), at::zeros_like(v_)};
   auto L = get_layout(ms);
   const int64_t nth = at::get_num_threads(), nb = (int64_t)L->blocks.size();
-  const int64_t G = (BH >= 4 * nth || (BH >= nth && BH % nth == 0)) ? 1 : std::min<int64_t>(nb, (4 * nth + BH - 1) / BH);
+  const bool enough_heads = BH >= 4 * nth || (BH >= nth && BH % nth == 0);
+  const int64_t G = enough_heads ? 1 : std::min<int64_t>(nb, (4 * nth + BH - 1) / BH);
   auto dk = at::zeros(G == 1 ? q.sizes().vec() : std::vector<int64_t>{BH * G, N, D}, q.options());
   auto dv = at::zeros_like(dk);
   AT_DISPATCH_FLOATING_TYPES(ct, "sparse_attention_backward_cpu", [&] {
@@ -420,7 +425,8 @@ at::Tensor sparse_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_
   TORCH_CHECK(text_len >= 0 && image_size >= 1 && conv_kernel >= 1 && conv_kernel % 2 == 1,
               "sparse_attention_decode: need text_len >= 0, image_size >= 1, odd conv_kernel >= 1");
   const int64_t N = text_len + image_size * image_size;
-  TORCH_CHECK(position >= 0 && position < N, "sparse_attention_decode: position must be in [0, ", N, "), got ", position);
+  TORCH_CHECK(position >= 0 && position < N, "sparse_attention_decode: position must be in [0, ", N, "), got ",
+              position);
   TORCH_CHECK(k_cache.size(2) > position, "sparse_attention_decode: the caches hold ", k_cache.size(2),
               " positions, position ", position, " is past their end");
   const MaskSpec ms{parse_kind(kind), (int)text_len, (int)image_size, (int)conv_kernel};
