@@ -10,7 +10,7 @@
 #
 # Usage: scripts/make_bundled_model.sh [WORK_DIR]   (default build/bundled_model)
 # Every size is an environment variable so that tests/test_bundled.py can run a shortened version:
-#   VAE_STEPS VAE_BATCH DALLE_STEPS CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
+#   VAE_STEPS VAE_BATCH DALLE_STEPS DALLE_MINUTES CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
 # A step whose output is already in WORK_DIR (dVAE, CLIP, transformer export) is not run again.
 # CPU time with the defaults: see README (about 20 minutes on 2 shared cores).
 set -euo pipefail
@@ -21,6 +21,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 VAE_STEPS=${VAE_STEPS:-300}
 VAE_BATCH=${VAE_BATCH:-16}
 DALLE_STEPS=${DALLE_STEPS:-3000}
+DALLE_MINUTES=${DALLE_MINUTES-12} # time box of the transformer's run (fewer steps on a busy machine; '' = none)
 CLIP_STEPS=${CLIP_STEPS:-300}
 LENGTH=${LENGTH:-20000}          # Shapes items (training split) for the tokenizer, transformer and CLIP
 BATCH=${BATCH:-32}
@@ -55,7 +56,8 @@ stamp "3/5 transformer"
   --tokenizer "$WORK/tokenizer.json" --out "$WORK/dalle" --preset shapes --text-len 16 \
   --steps "$DALLE_STEPS" --batch-size "$BATCH" --lr 1e-3 --warmup $((DALLE_STEPS / 20 + 1)) \
   --cache-tokens --ckpt-every "$DALLE_STEPS" --sample-every "$DALLE_STEPS" \
-  --sample-captions "${SEEN[0]}" "${HELD_OUT[0]}" --threads "$THREADS" --export-fp16 --quiet
+  --sample-captions "${SEEN[0]}" "${HELD_OUT[0]}" --threads "$THREADS" --export-fp16 --quiet \
+  ${DALLE_MINUTES:+--max-minutes "$DALLE_MINUTES"}
 
 stamp "4/5 CLIP"
 [ -f "$WORK/clip/open_clip_config.json" ] || \

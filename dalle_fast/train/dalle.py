@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import torch
 
@@ -159,6 +160,7 @@ def train_dalle(args):
     if latest:
         meta = common.load_training_state(latest, model, ema, opt, device)
         step, sched.state = meta["step"], meta["schedule"]
+        args.steps = sched.total = meta.get("total_steps", args.steps)
         batches.load_state(meta["data"])
     log = common.MetricLog(args.run, ["step", "loss", "text_loss", "image_loss", "lr", "grad_norm", "skipped"],
                            resume_step=step if latest else None)
@@ -167,6 +169,7 @@ def train_dalle(args):
     sample_caps = args.sample_captions or [c for _, c in (dataset[i] for i in range(min(4, len(dataset))))] \
         if not isinstance(dataset, torch.utils.data.IterableDataset) else args.sample_captions
     model.train()
+    t_start, step_start = time.perf_counter(), step
     try:
         while step < args.steps:
             images, captions = next(batches)
@@ -188,6 +191,12 @@ def train_dalle(args):
                 skipped += 1
             scaler.update()
             step += 1
+            if args.max_minutes and step - step_start == 5:
+                # a time-boxed run: shrink the run (and its LR schedule) to what fits in the budget
+                per_step = (time.perf_counter() - t_start) / 5
+                fit = step + int((args.max_minutes * 60 - (time.perf_counter() - t_start)) / per_step)
+                args.steps = sched.total = max(step, min(args.steps, fit))
+                bar.bar.total = args.steps
             if ema is not None and step % args.ema_every == 0:
                 ema.update(model, step)
             bar.update(1, loss=loss.item(), img=float(image_loss), lr=lr)
@@ -197,7 +206,8 @@ def train_dalle(args):
             if args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps):
                 common.save_training_state(args.run, step, model, ema, opt,
                                            {"config": cfg.to_dict(), "schedule": sched.state,
-                                            "data": batches.state()}, keep=args.keep_checkpoints)
+                                            "data": batches.state(), "total_steps": args.steps},
+                                           keep=args.keep_checkpoints)
             if args.sample_every and sample_caps and (step % args.sample_every == 0 or step == args.steps):
                 _sample_grid(model, vae, tokenizer, sample_caps, os.path.join(args.run, "samples",
                                                                               f"step-{step:08d}.png"), image_grid)
@@ -234,6 +244,8 @@ def register(subparsers):
         p.add_argument(f"--{name}", type=int, default=None, help="override the preset")
     p.add_argument("--backend", default=None, choices=("fused", "flex", "dense"), help="attention backend")
     p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="time box: after 5 steps, shorten the run (and its schedule) to fit this many minutes")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=4.5e-4)
     p.add_argument("--warmup", type=int, default=200)
