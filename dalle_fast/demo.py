@@ -10,13 +10,10 @@ import time
 
 def run_dvae_demo(out="demo_out", seconds=30.0, batch_size=16, lr=2e-3, seed=0, progress=True, device="cpu"):
     """Returns the training summary; the PNG is at summary['grid']."""
-    import torch
-
     from dalle_fast.train.vae import TrainVAEConfig, train_vae
 
     if seconds <= 0:
         raise ValueError(f"seconds must be positive, got {seconds}")
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, torch.get_num_threads())))
     run_dir = os.path.join(out, time.strftime("dvae-%Y%m%d-%H%M%S"))
     # the step count is an upper bound: the run measures its first steps and fits the time budget
     cfg = TrainVAEConfig(data="shapes", config="small", steps=5000, batch_size=batch_size, lr=lr, seed=seed,

@@ -8,6 +8,15 @@ from dalle_fast.models.convert import config_from_openai, convert_openai_state_d
 dall_e = pytest.importorskip("dall_e", reason="the DALL-E package (pip install DALL-E attrs) is a test-only peer")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions run fastest single-threaded on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _randomise(*modules, seed=0):
     """Released weights are not N(0, init): give every tensor (biases too) non-trivial values."""
     g = torch.Generator().manual_seed(seed)

@@ -13,6 +13,15 @@ from dalle_fast.models.dvae import (DiscreteVAE, DVAEConfig, codebook_perplexity
 from dalle_fast.testing import devices
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions run fastest single-threaded on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny(**kw):
     torch.manual_seed(0)
     return DiscreteVAE(DVAEConfig.tiny(), **kw)

@@ -19,6 +19,16 @@ TINY = dict(config="tiny", batch_size=4, steps=12, log_every=2, sample_every=6, 
             eval_images=4, shapes_length=64, device="cpu", precision="fp32")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded, above all on a shared, oversubscribed CI box
+    (OpenMP barriers wait for descheduled threads); it also makes the runs bitwise repeatable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_cosine_schedule():
     assert common.cosine(0, 100, 1.0, 1 / 16) == 1.0
     assert common.cosine(100, 100, 1.0, 1 / 16) == 1 / 16
@@ -65,18 +75,15 @@ def _weights(run_dir):
 
 
 def test_resume_after_stop_is_bit_exact(tmp_path):
-    torch.set_num_threads(1)  # the same thread count in both runs: identical reductions
-    try:
-        full = train_vae(str(tmp_path / "full"), TrainVAEConfig(**TINY), progress=False)
-        part = train_vae(str(tmp_path / "part"), TrainVAEConfig(**TINY), progress=False, stop_after=10)
-        assert part["steps"] == 10 and not part["finished"]
-        # the "killed" run kept its step-8 checkpoint; steps 9-10 are lost and redone
-        assert json.load(open(tmp_path / "part" / "checkpoints" / "latest.json"))["step"] == 8
-        with pytest.raises(ValueError, match="resume"):
-            train_vae(str(tmp_path / "part"), TrainVAEConfig(**TINY), progress=False)
-        resumed = train_vae(str(tmp_path / "part"), TrainVAEConfig(**TINY), progress=False, resume=True)
-    finally:
-        torch.set_num_threads(2)
+    # (the one_thread fixture: the same thread count in both runs, so identical reductions)
+    full = train_vae(str(tmp_path / "full"), TrainVAEConfig(**TINY), progress=False)
+    part = train_vae(str(tmp_path / "part"), TrainVAEConfig(**TINY), progress=False, stop_after=10)
+    assert part["steps"] == 10 and not part["finished"]
+    # the "killed" run kept its step-8 checkpoint; steps 9-10 are lost and redone
+    assert json.load(open(tmp_path / "part" / "checkpoints" / "latest.json"))["step"] == 8
+    with pytest.raises(ValueError, match="resume"):
+        train_vae(str(tmp_path / "part"), TrainVAEConfig(**TINY), progress=False)
+    resumed = train_vae(str(tmp_path / "part"), TrainVAEConfig(**TINY), progress=False, resume=True)
     assert resumed["steps"] == full["steps"] == 12 and resumed["finished"]
     ga, ma = _weights(tmp_path / "full")
     gb, mb = _weights(tmp_path / "part")

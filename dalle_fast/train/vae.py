@@ -278,12 +278,16 @@ def register(subparsers):
     p.add_argument("--sample-every", type=int, default=d.sample_every)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's); 1 is often fastest for small models on a busy machine")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
 
 def _main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = TrainVAEConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, config=args.config,
                          lr=args.lr, beta=args.beta, tau_frac=args.tau_frac, beta_frac=args.beta_frac,
                          precision=args.precision, device=args.device, backend=args.backend, seed=args.seed,
