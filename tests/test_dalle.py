@@ -200,3 +200,77 @@ def test_vae_must_match():
 def test_kinds_constant():
     assert set(KINDS) == {"row", "column", "conv", "full"}
     assert math.isclose(DALLEConfig().text_loss_weight, 1 / 8)
+
+
+def _train_args(tmp_path, **kw):
+    from argparse import Namespace
+    base = dict(data="shapes", split="train", length=64, vae=str(tmp_path / "vae"), tokenizer=str(tmp_path / "tok.json"),
+                run=str(tmp_path / "run"), preset="tiny", dim=None, depth=2, heads=None, dim_head=None, text_len=12,
+                conv_kernel=None, backend=None, steps=8, max_minutes=None, batch_size=4, lr=1e-3, warmup=2,
+                schedule="cosine", patience=500, weight_decay=4.5e-2, clip=4.0, ema_decay=0.99, ema_every=2,
+                bpe_dropout=0.0, precision="fp32", device="cpu", cache_tokens=True, ckpt_every=4, keep_checkpoints=2,
+                sample_every=0, sample_captions=None, log_every=1, resume=False, export_fp16=False, threads=None,
+                seed=0, quiet=True)
+    base.update(kw)
+    return Namespace(**base)
+
+
+def test_train_dalle_resumes_exactly(tmp_path, monkeypatch):
+    """A run interrupted after its step-4 checkpoint and resumed ends with the weights of an
+    uninterrupted run (BPE dropout off: the tokenizers library's dropout RNG cannot be seeded)."""
+    from dalle_fast.models.dvae import DiscreteVAE, DVAEConfig
+    from dalle_fast.tokenizer import BPETokenizer
+    from dalle_fast.train import common
+    from dalle_fast.train.dalle import train_dalle
+    from dalle_fast.data.shapes import Shapes
+    torch.manual_seed(0)
+    DiscreteVAE(DVAEConfig.tiny()).save_pretrained(tmp_path / "vae")
+    BPETokenizer.train(list(Shapes(200).captions()), vocab_size=100).save(tmp_path / "tok.json")
+    export = train_dalle(_train_args(tmp_path, run=str(tmp_path / "a")))
+    full = DALLE.from_pretrained(f"{export}/dalle")
+    rows = [r["loss"] for r in common.MetricLog(str(tmp_path / "a"), ["step", "loss"], resume_step=8).rows]
+    assert len(rows) == 8 and all(math.isfinite(x) for x in rows)
+
+    calls = {"n": 0}
+    real_update = common.Progress.update
+
+    def interrupt(self, n=1, **kw):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_update(self, n, **kw)
+
+    monkeypatch.setattr(common.Progress, "update", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_dalle(_train_args(tmp_path, run=str(tmp_path / "b")))
+    monkeypatch.setattr(common.Progress, "update", real_update)
+    assert common.ckpt.latest_checkpoint(str(tmp_path / "b")).endswith("step-00000004")
+    export_b = train_dalle(_train_args(tmp_path, run=str(tmp_path / "b"), resume=True))
+    resumed = DALLE.from_pretrained(f"{export_b}/dalle")
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert (tmp_path / "b" / "export" / "tokenizer.json").is_file()
+    assert (tmp_path / "b" / "export" / "dvae" / "config.json").is_file()
+
+
+def test_lr_schedule_warmup_cosine_and_plateau():
+    from dalle_fast.train.dalle import LRSchedule
+    s = LRSchedule(1.0, warmup=10, total=110, kind="cosine", final_ratio=0.01)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0) and s(60) == pytest.approx(0.505) and s(200) == pytest.approx(0.01)
+    p = LRSchedule(1.0, warmup=0, total=10, kind="plateau", patience=3)
+    for _ in range(20):
+        p.observe(1.0)  # a flat loss: halved every `patience` steps without improvement
+    assert p(5) == pytest.approx(0.5 ** 6)  # 19 flat steps after the first: 6 halvings
+    with pytest.raises(ValueError, match="schedule"):
+        LRSchedule(1.0, 1, 10, kind="linear")
+
+
+def test_weight_decay_only_on_matrices():
+    from dalle_fast.train.dalle import param_groups
+    m = tiny()
+    decay, no_decay = param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert all(p.dim() == 2 and "emb" not in names[id(p)] and "image_row" not in names[id(p)] for p in decay["params"])
+    assert any("text_emb" in names[id(p)] for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
