@@ -318,6 +318,10 @@ def _bad_calls():
         (lambda: dec(q[:, :, :2], k, v, 3, "row", 2, 3), ValueError, "\\(B, heads, 1, D\\)"),
         (lambda: dec(q[:, :, :1], k, v[:, :, :9], 3, "row", 2, 3), ValueError, "caches"),
         (lambda: dec(q[:, :, :1], k, v, 3.0, "row", 2, 3), TypeError, "position"),
+        (lambda: dec(q[:, :, :1], k, v, 3, "diag", 2, 3), ValueError, "kind"),
+        (lambda: dec(q[:, :, :1], k, v, 3, "conv", 2, 3, conv_kernel=2), ValueError, "odd"),
+        (lambda: dec(q[:, :, :1], k.double(), v.double(), 3, "row", 2, 3), TypeError, "dtype"),
+        (lambda: dec(q[:, :, :1].long(), k.long(), v.long(), 3, "row", 2, 3), TypeError, "floating"),
     ]
 
 
@@ -333,9 +337,9 @@ def test_cpp_boundary_checks():
     q, k, v = qkv(2, 3, 1, 1, 8, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="text_len \\+ image_size"):
         torch.ops.dalle_fast.sparse_attention(q, k, v, "row", 1, 3, 11, 0.3)
-    with pytest.raises(RuntimeError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="kind must be one of"):
         torch.ops.dalle_fast.sparse_attention(q, k, v, "diag", 2, 3, 11, 0.3)
-    with pytest.raises(RuntimeError, match="past their end"):
+    with pytest.raises(ValueError, match="past their end"):
         torch.ops.dalle_fast.sparse_attention_decode(q[:, :, :1], k[:, :, :3], v[:, :, :3], 5, "row", 2, 3, 11, 0.3)
 
 

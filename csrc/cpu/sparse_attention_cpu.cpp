@@ -93,7 +93,7 @@ MaskKind parse_kind(std::string_view kind) {
   if (kind == "row") return MaskKind::Row;
   if (kind == "column") return MaskKind::Column;
   if (kind == "conv") return MaskKind::Conv;
-  TORCH_CHECK(false, "sparse_attention: kind must be one of 'full', 'row', 'column', 'conv', got '", kind, "'");
+  TORCH_CHECK_VALUE(false, "sparse_attention: kind must be one of 'full', 'row', 'column', 'conv', got '", kind, "'");
 }
 
 // Query blocks: runs of queries whose allowed keys nearly coincide.
@@ -399,12 +399,22 @@ void decode_kernel(const MaskSpec& ms, int position, const at::Tensor& q, const 
       const scalar_t* K = kp + b * kc.stride(0) + h * kc.stride(1);
       const scalar_t* V = vp + b * vc.stride(0) + h * vc.stride(1);
       for (int64_t d = 0; d < D; ++d) qv[d] = (acc)qr[d] * (acc)scale;
+      scalar_t* orow = op + bh * D;
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          attend_one_f32(qv.data(), K, ks, V, vs, keys.data(), cnt, D, s.data(), orow);
+        } else {
+          attend_one_bf16(qv.data(), reinterpret_cast<const uint16_t*>(K), ks, reinterpret_cast<const uint16_t*>(V),
+                          vs, keys.data(), cnt, D, s.data(), ov.data());
+          for (int64_t d = 0; d < D; ++d) orow[d] = (scalar_t)ov[d];
+        }
+        continue;
+      }
       for (int64_t n = 0; n < cnt; ++n) s[n] = dot(qv.data(), row_as_acc(K + keys[n] * ks, D, tmp.data()), D);
       const acc mx = row_max(s.data(), cnt);
       const acc sum = exp_sub_sum(s.data(), cnt, mx);
       std::fill(ov.begin(), ov.end(), acc(0));
       for (int64_t n = 0; n < cnt; ++n) axpy(ov.data(), s[n], row_as_acc(V + keys[n] * vs, D, tmp.data()), D);
-      scalar_t* orow = op + bh * D;
       for (int64_t d = 0; d < D; ++d) orow[d] = (scalar_t)(ov[d] / sum);
     }
   });
@@ -413,22 +423,29 @@ void decode_kernel(const MaskSpec& ms, int position, const at::Tensor& q, const 
 at::Tensor sparse_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                        int64_t position, std::string_view kind, int64_t text_len, int64_t image_size,
                                        int64_t conv_kernel, double scale) {
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1, "sparse_attention_decode: q must be (B, heads, 1, D), got ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "sparse_attention_decode: k_cache and v_cache must be 4-D (B, heads, L, D) of one shape, got ",
-              k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(k_cache.size(0) == q.size(0) && k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3),
-              "sparse_attention_decode: caches ", k_cache.sizes(), " do not match q ", q.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "sparse_attention_decode: q, k_cache, v_cache must have the same dtype");
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "sparse_attention_decode: q must be a floating tensor");
-  TORCH_CHECK(text_len >= 0 && image_size >= 1 && conv_kernel >= 1 && conv_kernel % 2 == 1,
-              "sparse_attention_decode: need text_len >= 0, image_size >= 1, odd conv_kernel >= 1");
+  // The checks of the whole op live here, as ValueError/TypeError: the Python wrapper of a sampling step
+  // stays thin (a step is tens of microseconds).
+  TORCH_CHECK_VALUE(q.dim() == 4 && q.size(2) == 1, "sparse_attention_decode: q must be (B, heads, 1, D), got ",
+                    q.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+                    "sparse_attention_decode: k_cache and v_cache must be 4-D caches (B, heads, L, D) of one shape, "
+                    "got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.size(0) == q.size(0) && k_cache.size(1) == q.size(1) && k_cache.size(3) == q.size(3),
+                    "sparse_attention_decode: caches ", k_cache.sizes(), " do not match q ", q.sizes());
+  TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+                   "sparse_attention_decode: q, k_cache, v_cache must have the same dtype, got ", q.scalar_type(), ", ",
+                   k_cache.scalar_type(), ", ", v_cache.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "sparse_attention_decode: q must be a floating tensor, got ",
+                   q.scalar_type());
+  TORCH_CHECK_VALUE(text_len >= 0, "sparse_attention_decode: text_len must be >= 0, got ", text_len);
+  TORCH_CHECK_VALUE(image_size >= 1, "sparse_attention_decode: image_size must be >= 1, got ", image_size);
+  TORCH_CHECK_VALUE(conv_kernel >= 1 && conv_kernel % 2 == 1,
+                    "sparse_attention_decode: conv_kernel must be odd and positive, got ", conv_kernel);
   const int64_t N = text_len + image_size * image_size;
-  TORCH_CHECK(position >= 0 && position < N, "sparse_attention_decode: position must be in [0, ", N, "), got ",
-              position);
-  TORCH_CHECK(k_cache.size(2) > position, "sparse_attention_decode: the caches hold ", k_cache.size(2),
-              " positions, position ", position, " is past their end");
+  TORCH_CHECK_VALUE(position >= 0 && position < N, "sparse_attention_decode: position must be in [0, ", N, "), got ",
+                    position);
+  TORCH_CHECK_VALUE(k_cache.size(2) > position, "sparse_attention_decode: the caches hold ", k_cache.size(2),
+                    " positions, position ", position, " is past their end");
   const MaskSpec ms{parse_kind(kind), (int)text_len, (int)image_size, (int)conv_kernel};
   // Only the unit stride along D is required: copying a cache would cost O(L) per step.
   auto kc = k_cache.stride(3) == 1 ? k_cache : k_cache.contiguous();

@@ -87,6 +87,56 @@ DF_SIMD_CLONES void axpy_f32(float* y, float a, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
+// One decode query against `cnt` gathered cache rows (keys[n] * ld): s receives the probabilities
+// unnormalized, out = softmax(q . K^T) V. q is pre-scaled float. One call per (batch, head), so the
+// per-key work stays inside one cloned function (a call per key costs as much as the key itself).
+inline float load_f(const float* p, int64_t i) { return p[i]; }
+inline float load_f(const uint16_t* p, int64_t i) {  // bfloat16 bits
+  const uint32_t bits = (uint32_t)p[i] << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T>
+__attribute__((always_inline)) inline void attend_one_impl(const float* q, const T* K, int64_t ldk, const T* V,
+                                                           int64_t ldv, const int64_t* keys, int64_t cnt, int64_t D,
+                                                           float* s, float* out) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t n = 0; n < cnt; ++n) {
+    const T* kr = K + keys[n] * ldk;
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) acc += q[d] * load_f(kr, d);
+    s[n] = acc;
+    mx = acc > mx ? acc : mx;
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t n = 0; n < cnt; ++n) {
+    const float e = exp_poly(s[n] - mx);
+    s[n] = e;
+    sum += e;
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
+  for (int64_t n = 0; n < cnt; ++n) {
+    const T* vr = V + keys[n] * ldv;
+    const float p = s[n];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] += p * load_f(vr, d);
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+}
+DF_SIMD_CLONES void attend_one_f32(const float* q, const float* K, int64_t ldk, const float* V, int64_t ldv,
+                                   const int64_t* keys, int64_t cnt, int64_t D, float* s, float* out) {
+  attend_one_impl(q, K, ldk, V, ldv, keys, cnt, D, s, out);
+}
+DF_SIMD_CLONES void attend_one_bf16(const float* q, const uint16_t* K, int64_t ldk, const uint16_t* V, int64_t ldv,
+                                    const int64_t* keys, int64_t cnt, int64_t D, float* s, float* out) {
+  attend_one_impl(q, K, ldk, V, ldv, keys, cnt, D, s, out);
+}
+
 // Overloads the templated kernel calls: float goes to the clones above, double to plain loops.
 inline float row_max(const float* x, int64_t n) { return row_max_f32(x, n); }
 inline float exp_sub_sum(float* x, int64_t n, float sub) { return exp_sub_sum_f32(x, n, sub); }

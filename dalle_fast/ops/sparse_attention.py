@@ -105,15 +105,24 @@ def sparse_attention_decode(q, k_cache, v_cache, position, kind, text_len, image
     """Row `position` of sparse_attention for one new query per sequence: q (B, heads, 1, D); the caches
     (B, heads, L, D), L > position, hold the keys/values of positions 0..position. Reads only the
     allowed keys. Returns (B, heads, 1, D). Not differentiable (inference)."""
+    # A sampling step is tens of microseconds: the op checks shapes, dtypes and the mask arguments itself
+    # (ValueError/TypeError naming the argument); only what it cannot see is checked here.
+    if type(position) is not int:
+        raise TypeError(f"sparse_attention_decode: position must be an int, got {type(position).__name__}")
+    if type(kind) is not str:
+        raise TypeError(f"sparse_attention_decode: kind must be a str, got {type(kind).__name__}")
+    if q.device.type != "cpu":  # the other backends get the full Python-side validation
+        _check_decode_args(q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return torch.ops.dalle_fast.sparse_attention_decode(q, k_cache, v_cache, position, kind, text_len, image_size,
+                                                        conv_kernel, scale)
+
+
+def _check_decode_args(q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel):
     fn = "sparse_attention_decode"
-    # A sampling step is a few tens of microseconds: only a failed fast check pays for the precise message.
-    if not (isinstance(q, torch.Tensor) and isinstance(k_cache, torch.Tensor) and isinstance(v_cache, torch.Tensor)
-            and q.dtype == k_cache.dtype == v_cache.dtype and q.is_floating_point()
-            and q.device == k_cache.device == v_cache.device and q.dim() == k_cache.dim() == v_cache.dim() == 4):
-        _check_tensors(fn, ("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    _check_tensors(fn, ("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
     _check_mask_args(kind, text_len, image_size, conv_kernel, fn)
-    if not isinstance(position, int) or isinstance(position, bool):
-        raise TypeError(f"{fn}: position must be an int, got {type(position).__name__}")
     B, H, one, D = q.shape
     if one != 1:
         raise ValueError(f"{fn}: q must be (B, heads, 1, D), got {tuple(q.shape)}")
@@ -126,9 +135,6 @@ def sparse_attention_decode(q, k_cache, v_cache, position, kind, text_len, image
     if k_cache.shape[2] <= position:
         raise ValueError(f"{fn}: the caches hold {k_cache.shape[2]} positions; position {position} is past their end")
     _check_head_dim(q, fn)
-    scale = _resolve_scale(scale, D, fn)
-    return torch.ops.dalle_fast.sparse_attention_decode(q, k_cache, v_cache, position, kind, text_len, image_size,
-                                                        conv_kernel, scale)
 
 
 # ---------------------------------------------------------------- fake kernels (shapes for torch.compile)
