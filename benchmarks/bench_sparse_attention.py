@@ -147,8 +147,9 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fp32, few reps, Flex for row only, no CSV")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--dtypes", default=None, help="comma list, default float32,bfloat16 (quick: float32)")
+    ap.add_argument("--threads", type=int, default=2, help="1 gives steadier numbers on a shared machine")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     T, S, H, D = 256, 32, 8, 64
     kinds = args.kinds.split(",")
     dtypes = [getattr(torch, d) for d in (args.dtypes or ("float32" if args.quick else "float32,bfloat16")).split(",")]
