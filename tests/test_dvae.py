@@ -251,3 +251,20 @@ def test_uses_fused_kernels(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "gumbel_softmax", lambda *a, **k: pytest.fail("torch path used"))
     _tiny()(torch.rand(1, 3, 32, 32), tau=1.0, beta=0.0)
     assert calls == ["gs", "ll"]
+
+
+def test_auxiliary_mse_and_log_b_floor():
+    m = _tiny(backend="torch")
+    x = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(3)
+    a = m(x, tau=1.0, beta=1.0)
+    torch.manual_seed(3)
+    b = m(x, tau=1.0, beta=1.0, mse_weight=5.0)
+    assert torch.allclose(b["loss"], a["loss"] + 5.0 * a["mse"], atol=1e-6)
+    mu = a["stats"][:, :3]
+    want = (((torch.sigmoid(mu) - 0.1) / 0.8 - x) ** 2).mean()
+    assert torch.allclose(a["mse"], want, atol=1e-7)
+    m.config.min_log_b = 5.0  # above every ln b: the loss sees exactly b = e^5
+    torch.manual_seed(3)
+    c = m(x, tau=1.0, beta=0.0)
+    assert torch.all(c["stats"][:, 3:] == 5.0)

@@ -34,6 +34,11 @@ class DVAEConfig:
     vocab_size: int = 8192
     n_init: int = 128           # decoder width after the 1x1 conv from the codes
     eps: float = 0.1            # logit-Laplace pixel margin (map_pixels / unmap_pixels)
+    # Floor on the decoder's ln b in the training loss (None: the paper's loss exactly). Noiseless
+    # synthetic images (Shapes: flat colours on black) make the logit-Laplace density unbounded:
+    # b -> 0 on the background keeps lowering the loss while the object pixels, at large b, get
+    # little gradient. A floor bounds that and lets the objects be learnt.
+    min_log_b: float = None
 
     def __post_init__(self):
         for name in ("image_size", "input_channels", "group_count", "n_hid", "n_blk_per_group",
@@ -313,19 +318,31 @@ class DiscreteVAE(nn.Module):
         self._check_images(images)
         return self.encoder(self._map(images)).float()
 
-    def forward(self, images, tau=1.0, beta=0.0, hard=False):
-        """One training evaluation. Returns a dict: loss (recon + beta * kl, normalised per image
-        dimension as the paper), recon (logit-Laplace NLL per dimension), kl (per dimension,
-        unweighted), logits, stats, tokens (argmax, no noise)."""
+    def forward(self, images, tau=1.0, beta=0.0, hard=False, mse_weight=0.0):
+        """One training evaluation. Returns a dict: loss (recon + beta * kl [+ mse_weight * mse],
+        normalised per image dimension as the paper), recon (logit-Laplace NLL per dimension), kl
+        (per dimension, unweighted), mse (of the unclamped reconstruction), logits, stats, tokens
+        (argmax, no noise). mse_weight > 0 adds an auxiliary squared error (not in the paper): the
+        logit-Laplace is an L1 in logit space whose optimum is the median, so on mostly-black images
+        it predicts black wherever an object is not yet certain and learns the objects very slowly;
+        the trainer decays this weight to 0, leaving the paper's objective."""
         if not (isinstance(tau, (int, float)) and tau > 0):
             raise ValueError(f"tau must be a positive number, got {tau!r}")
         logits = self.logits(images)
         z = self._relax(logits, float(tau), hard)
         stats = self.decoder(z).float()
+        if self.config.min_log_b is not None:
+            c = self.config.input_channels
+            stats = torch.cat([stats[:, :c], stats[:, c:].clamp(min=self.config.min_log_b)], 1)
         recon = self._recon_loss(images.float(), stats)
         dims = images.shape[1] * images.shape[2] * images.shape[3]
         kl = kl_to_uniform(logits).sum((1, 2)).mean() / dims
-        return {"loss": recon + beta * kl, "recon": recon, "kl": kl, "logits": logits, "stats": stats,
+        c, eps = self.config.input_channels, self.config.eps
+        mse = ((torch.sigmoid(stats[:, :c]) - eps) / (1 - 2 * eps) - images.float()).square().mean()
+        loss = recon + beta * kl
+        if mse_weight:
+            loss = loss + mse_weight * mse
+        return {"loss": loss, "recon": recon, "kl": kl, "mse": mse.detach(), "logits": logits, "stats": stats,
                 "tokens": logits.detach().argmax(1)}
 
     @torch.no_grad()

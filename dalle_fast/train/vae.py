@@ -24,7 +24,7 @@ from dalle_fast.models.dvae import DiscreteVAE, DVAEConfig, codebook_perplexity,
 from dalle_fast.train import common
 from dalle_fast.viz import plot_curves, reconstruction_grid
 
-FIELDS = ["step", "loss", "recon", "kl", "beta", "tau", "lr", "psnr", "perplexity", "grad_norm",
+FIELDS = ["step", "loss", "recon", "kl", "beta", "tau", "lr", "mse_weight", "psnr", "perplexity", "grad_norm",
           "images_per_s", "skipped_steps", "bad_data", "eval_psnr", "eval_perplexity"]
 
 
@@ -45,6 +45,8 @@ class TrainVAEConfig:
     tau_start: float = 1.0
     tau_end: float = 1.0 / 16
     tau_frac: float = 0.5
+    mse_weight: float = 0.0          # auxiliary squared error (not in the paper), cosine-decayed to 0
+    mse_frac: float = 0.5            # ... over this fraction of the run (see DiscreteVAE.forward)
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
     clip_grad: float = 1.0
@@ -64,7 +66,8 @@ class TrainVAEConfig:
         n = self.steps
         return {"lr": common.cosine(step, max(1, round(self.lr_frac * n)), self.lr, self.lr * self.lr_end_ratio),
                 "beta": common.cosine(step, max(1, round(self.beta_frac * n)), 0.0, self.beta),
-                "tau": common.cosine(step, max(1, round(self.tau_frac * n)), self.tau_start, self.tau_end)}
+                "tau": common.cosine(step, max(1, round(self.tau_frac * n)), self.tau_start, self.tau_end),
+                "mse_weight": common.cosine(step, max(1, round(self.mse_frac * n)), self.mse_weight, 0.0)}
 
 
 def _model_config(spec):
@@ -183,7 +186,7 @@ def train_vae(out, cfg: TrainVAEConfig = None, model_config=None, dataset=None, 
         for g in opt.param_groups:
             g["lr"] = s["lr"]
         with common.autocast(device, precision):
-            outd = model(images, tau=s["tau"], beta=s["beta"])
+            outd = model(images, tau=s["tau"], beta=s["beta"], mse_weight=s["mse_weight"])
         loss = outd["loss"]
         ok = bool(torch.isfinite(loss))
         if ok:
@@ -268,6 +271,9 @@ def register(subparsers):
     p.add_argument("--config", default=d.config, choices=["small", "paper", "tiny"], help="dVAE size preset")
     p.add_argument("--lr", type=float, default=d.lr, help="peak step size (the paper: 1e-4 at batch 512)")
     p.add_argument("--beta", type=float, default=d.beta, help="target KL weight")
+    p.add_argument("--mse-weight", type=float, default=d.mse_weight,
+                   help="auxiliary squared-error weight, decayed to 0 over the first half (not in the paper; "
+                        "helps noiseless synthetic data such as Shapes)")
     p.add_argument("--tau-frac", type=float, default=d.tau_frac, help="fraction of the run annealing tau 1 -> 1/16")
     p.add_argument("--beta-frac", type=float, default=d.beta_frac, help="fraction of the run warming beta up")
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
@@ -289,7 +295,7 @@ def _main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainVAEConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, config=args.config,
-                         lr=args.lr, beta=args.beta, tau_frac=args.tau_frac, beta_frac=args.beta_frac,
+                         lr=args.lr, beta=args.beta, mse_weight=args.mse_weight, tau_frac=args.tau_frac, beta_frac=args.beta_frac,
                          precision=args.precision, device=args.device, backend=args.backend, seed=args.seed,
                          sample_every=args.sample_every, checkpoint_every=args.checkpoint_every,
                          num_workers=args.num_workers)
