@@ -3,7 +3,8 @@
 # commands, on the built-in Shapes set with every green triangle held out of training (the Shapes
 # split option), so that prompts naming one show zero-shot composition:
 #   1. train-tokenizer  BPE on Shapes training captions
-#   2. train-vae        small dVAE, 64x64 images -> 8x8 tokens of 512 codes
+#   2. train-vae        small dVAE, 64x64 images -> 8x8 tokens of 512 codes (the dVAE recipe for
+#                       noiseless synthetic data: auxiliary MSE, lr 2e-3, batch 8)
 #   3. train-dalle      the transformer (paper schedule: row, column, row, conv), tokens cached once
 #   4. train-clip       a small open_clip CLIP for reranking
 #   5. copy the exported model into dalle_fast/assets and draw docs/generate_grid.png
@@ -18,8 +19,8 @@ cd "$(dirname "$0")/.."
 
 WORK=${1:-build/bundled_model}
 PYTHON=${PYTHON:-.venv/bin/python}
-VAE_STEPS=${VAE_STEPS:-300}
-VAE_BATCH=${VAE_BATCH:-16}
+VAE_STEPS=${VAE_STEPS:-1500}
+VAE_BATCH=${VAE_BATCH:-8}
 DALLE_STEPS=${DALLE_STEPS:-3000}
 DALLE_MINUTES=${DALLE_MINUTES-12} # time box of the transformer's run (fewer steps on a busy machine; '' = none)
 CLIP_STEPS=${CLIP_STEPS:-300}
@@ -27,7 +28,7 @@ LENGTH=${LENGTH:-20000}          # Shapes items (training split) for the tokeniz
 BATCH=${BATCH:-32}
 DEST=${DEST:-dalle_fast/assets}  # where the bundle goes ('' to skip copying)
 GRID=${GRID:-docs/generate_grid.png}
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-1}            # 1 is fastest for these small models on a shared machine
 N_SAMPLES=${N_SAMPLES:-32}       # samples drawn per prompt of the grid, reranked by CLIP
 KEEP=${KEEP:-6}                  # kept per prompt
 CLI=("$PYTHON" -m dalle_fast.cli)
@@ -47,7 +48,8 @@ stamp "1/5 tokenizer"
 stamp "2/5 dVAE"
 if [ ! -f "$WORK/vae/model/config.json" ]; then
   "${CLI[@]}" train-vae --data shapes --config small --out "$WORK/vae" --steps "$VAE_STEPS" \
-    --batch-size "$VAE_BATCH" --sample-every "$VAE_STEPS" --checkpoint-every "$VAE_STEPS" --no-progress
+    --batch-size "$VAE_BATCH" --lr 2e-3 --mse-weight 1000 --threads 1 \
+    --sample-every "$VAE_STEPS" --checkpoint-every "$VAE_STEPS" --no-progress
 fi
 
 stamp "3/5 transformer"
