@@ -214,9 +214,13 @@ def train_vae(out, cfg: TrainVAEConfig = None, model_config=None, dataset=None, 
                              ("perplexity", codebook_perplexity(outd["tokens"], mcfg.vocab_size))):
                     window[k] += v
                 window["n"] += 1
-        if time_budget_s and steps_run == 5:
-            per_step = (time.perf_counter() - t_run) / steps_run
-            cfg = dataclasses.replace(cfg, steps=max(step + 1, min(cfg.steps, int(time_budget_s / per_step))))
+        if time_budget_s and steps_run == 3:
+            t_warm = time.perf_counter()  # the first steps include one-time kernel set-up: not timed
+        if time_budget_s and steps_run == 10:
+            now = time.perf_counter()
+            per_step = (now - t_warm) / 7
+            left = int((time_budget_s - (now - t_run)) / per_step)
+            cfg = dataclasses.replace(cfg, steps=max(step + 1, min(cfg.steps, step + left)))
             bar.bar.total = cfg.steps
         last = step == cfg.steps
         row = None
