@@ -30,6 +30,13 @@ def _fsync_dir(path):
         pass
 
 
+def _default_file_mode():
+    """0o666 less the process umask: mkstemp creates files 0o600, which other users could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_json(obj, path):
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -39,6 +46,7 @@ def atomic_write_json(obj, path):
             json.dump(obj, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -57,6 +65,7 @@ def atomic_save_safetensors(tensors, path, metadata=None):
     try:
         save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, tmp,
                   metadata=metadata)
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -111,6 +120,7 @@ def save_checkpoint(run_dir, step, tensor_groups, meta, keep=3):
                       os.path.join(tmp, f"{group}.safetensors"))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(dict(meta, step=step), f, indent=2, sort_keys=True)
+        os.chmod(tmp, _default_file_mode() | 0o111)  # mkdtemp makes it 0o700
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
