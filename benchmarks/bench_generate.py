@@ -1,0 +1,198 @@
+"""Image tokens per second of text-to-image sampling, batch 1 and 16, on the CPU.
+
+    .venv/bin/python benchmarks/bench_generate.py           # both configurations, CSV in results/generate.csv
+    .venv/bin/python benchmarks/bench_generate.py --quick   # matched configuration only, fewer reps, no CSV
+
+Configurations: "matched" = dalle-pytorch's comparison point (dim 256, depth 4, heads 4, dim_head 64,
+text 32, 16x16 image tokens) and "paper-seq" = the paper's sequence (text 256, 32x32 image tokens) at
+depth 2. Providers (same weights for the first three):
+  dalle_fast        the sparse KV cache: each step reads only the keys its layer's mask allows
+                    (SparseSelfAttention(position=p) -> dalle_fast.sparse_attention_decode)
+  full_kv_cache     the same model with a full-attention KV cache (backend="dense": each step attends
+                    over every cached position with the dense mask)
+  no_cache          the whole prefix recomputed every step (what a plain loop does)
+  dalle_pytorch     dalle-pytorch 1.6.6 generate_images (cond_scale 1: its use_cache is silently ignored,
+                    so every step recomputes the prefix)
+  dalle_pytorch_cache  its working cached loop: forward(text, image, cache=cache) one token at a time
+Timed: the token loop only (the dVAE decode is the same for everybody and left out). Cached providers
+run whole generations; uncached ones (cost grows with the prefix) are timed on steps spread evenly
+over the image, whose mean is the mean step of a whole generation ("est" in the extra column).
+Ratios are against dalle_pytorch_cache (the peer's working cached loop); the goal is >= 5x at batch 1.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import Recorder, matmul_peak_gflops, measure  # noqa: E402
+from dalle_fast.generate import sample_logits, sample_tokens  # noqa: E402
+from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402
+
+CONFIGS = {
+    "matched": dict(dim=256, depth=4, heads=4, dim_head=64, text_len=32, image_size=16),
+    "paper-seq": dict(dim=256, depth=2, heads=4, dim_head=64, text_len=256, image_size=32),
+}
+VOCAB_TEXT, VOCAB_IMAGE = 1000, 8192
+
+
+def import_dalle_pytorch():
+    """dalle-pytorch imports its VQGAN, YTTM and HF tokenizer code at import time; none of it is used
+    here (nor installable beside torch 2.14 without pulling old pins), so those modules are stubbed."""
+    import types
+    for name, attrs in [("taming", {}), ("taming.models", {}),
+                        ("taming.models.vqgan", dict(VQModel=object, GumbelVQ=object)),
+                        ("youtokentome", {}), ("transformers", dict(BertTokenizer=object)),
+                        ("pkg_resources", dict(get_distribution=lambda n: types.SimpleNamespace(version="?")))]:
+        if name not in sys.modules:
+            try:
+                __import__(name)
+            except Exception:
+                m = types.ModuleType(name)
+                m.__dict__.update(attrs)
+                sys.modules[name] = m
+    import dalle_pytorch
+    return dalle_pytorch
+
+
+def ours(cfg_kw, backend):
+    torch.manual_seed(0)
+    cfg = DALLEConfig(num_text_tokens=VOCAB_TEXT, num_image_tokens=VOCAB_IMAGE, conv_kernel=11, backend=backend,
+                      **cfg_kw)
+    return DALLE(cfg).eval()
+
+
+def peer(dp, cfg_kw):
+    torch.manual_seed(0)
+    layers = {16: 3, 32: 3}[cfg_kw["image_size"]]
+    vae = dp.DiscreteVAE(image_size=cfg_kw["image_size"] * 2 ** layers, num_layers=layers, num_tokens=VOCAB_IMAGE,
+                         codebook_dim=64, hidden_dim=16)
+    m = dp.DALLE(dim=cfg_kw["dim"], vae=vae, num_text_tokens=VOCAB_TEXT, text_seq_len=cfg_kw["text_len"],
+                 depth=cfg_kw["depth"], heads=cfg_kw["heads"], dim_head=cfg_kw["dim_head"]).eval()
+    m.vae.decode = lambda seq: seq  # time the token loop only
+    return m
+
+
+@torch.no_grad()
+def peer_cached_loop(m, text, steps=None):
+    """dalle-pytorch's working cache: generate_images' loop with forward(..., cache=cache)."""
+    from dalle_pytorch.dalle_pytorch import gumbel_sample, top_k
+    out, cache = text, {}
+    T = m.text_seq_len
+    for _ in range(steps or m.image_seq_len):
+        logits = m(out[:, :T], out[:, T:], cache=cache)[:, -1, :]
+        sample = gumbel_sample(top_k(logits, thres=0.5), temperature=1.0, dim=-1) - m.num_text_tokens
+        out = torch.cat((out, sample[:, None]), dim=-1)
+    return out
+
+
+@torch.no_grad()
+def check(model, dense, m_peer, text, text_peer):
+    """Cached logits of each provider against its own uncached forward on the first steps."""
+    cfg = model.config
+    img = torch.randint(0, VOCAB_IMAGE, (text.shape[0], 12))
+    full = model(text, img)[1]
+    for name, mdl in (("dalle_fast", model), ("full_kv_cache", dense)):
+        caches = mdl.new_kv_caches(text.shape[0])
+        steps = [mdl.prefill(text, caches)] + [mdl.decode_step(img[:, j], j, caches) for j in range(11)]
+        err = (torch.stack(steps, 1) - full).abs().max().item()
+        print(f"  {name}: cached vs uncached logits, max err {err:.2e} ({'ok' if err < 1e-3 else 'FAILED'})")
+    if m_peer is not None:
+        cache = {}
+        T, off = m_peer.text_seq_len, m_peer.num_text_tokens
+        ref = m_peer(text_peer, img)[:, T:T + 12]
+        got = [m_peer(text_peer, img[:, :j], cache=cache)[:, -1] for j in range(12)]
+        err = (torch.stack(got, 1)[..., off:] - ref[..., off:]).abs().max().item()
+        print(f"  dalle_pytorch_cache: cached vs uncached logits, max err {err:.2e} "
+              f"({'works' if err < 1e-3 else 'DIFFERS'})")
+    del cfg
+
+
+def uncached_step_fns(model, m_peer, text, text_peer, positions):
+    """One uncached sampling step at each of `positions` (image tokens already there)."""
+    B = text.shape[0]
+    img = torch.randint(0, VOCAB_IMAGE, (B, max(positions) + 1))
+
+    @torch.no_grad()
+    def ours_steps():
+        for j in positions:
+            sample_logits(model.image_logits(model.hidden(text, img[:, :j])[:, -1]))
+
+    @torch.no_grad()
+    def peer_steps():
+        from dalle_pytorch.dalle_pytorch import gumbel_sample, top_k
+        for j in positions:
+            logits = m_peer(text_peer, img[:, :j])[:, -1, :]
+            gumbel_sample(top_k(logits, thres=0.5), temperature=1.0, dim=-1)
+    return ours_steps, peer_steps
+
+
+def run(config_names, batches, reps, write_csv, threads=2):
+    torch.set_num_threads(threads)
+    try:
+        dp = import_dalle_pytorch()
+        print(f"dalle-pytorch {dp.__version__ if hasattr(dp, '__version__') else ''} imported")
+    except Exception as e:  # report exactly why the peer is missing
+        dp = None
+        print(f"dalle-pytorch could not be imported: {e!r}")
+    peak = matmul_peak_gflops()
+    print(f"matmul ceiling {peak:.1f} GFLOP/s (fp32, {threads} threads)")
+    rec = Recorder("generate")
+    for cname in config_names:
+        kw = CONFIGS[cname]
+        model, dense = ours(kw, "fused"), ours(kw, "dense")
+        dense.load_state_dict(model.state_dict())
+        m_peer = peer(dp, kw) if dp is not None else None
+        M = kw["image_size"] ** 2
+        # GEMM work per generated token (weights of every layer + the image head), for GFLOP/s
+        flops_tok = 2 * (kw["depth"] * 12 * kw["dim"] ** 2 + kw["dim"] * VOCAB_IMAGE)
+        n_pos = 4 if reps <= 2 else 8
+        positions = [round((i + 0.5) * M / n_pos) for i in range(n_pos)]
+        for B in batches:
+            g = torch.Generator().manual_seed(0)
+            text = torch.randint(1, VOCAB_TEXT, (B, kw["text_len"]), generator=g)
+            text_peer = text.clone()
+            print(f"{cname} batch {B}: correctness")
+            check(model, dense, m_peer, text, text_peer)
+            timings = {}
+            timings["dalle_fast"] = (measure(lambda: sample_tokens(model, text), warmup=1, reps=reps), M, "")
+            timings["full_kv_cache"] = (measure(lambda: sample_tokens(dense, text), warmup=1, reps=reps), M, "")
+            ours_steps, peer_steps = uncached_step_fns(model, m_peer, text, text_peer, positions)
+            timings["no_cache"] = (measure(ours_steps, warmup=1, reps=max(1, reps // 2)), n_pos,
+                                   f"est from {n_pos} steps")
+            if m_peer is not None:
+                timings["dalle_pytorch"] = (measure(peer_steps, warmup=1, reps=max(1, reps // 2)), n_pos,
+                                            f"est from {n_pos} steps (generate_images path)")
+                timings["dalle_pytorch_cache"] = (measure(lambda: peer_cached_loop(m_peer, text_peer), warmup=1,
+                                                          reps=reps), M, "")
+            base_name = "dalle_pytorch_cache" if m_peer is not None else "full_kv_cache"
+            tok_s = {k: B * steps / (t["median_ms"] * 1e-3) for k, (t, steps, _) in timings.items()}
+            for k, (t, steps, extra) in timings.items():
+                rec.add(op="generate", provider=k, mode="sample", shape=f"{cname} B={B} N={kw['text_len'] + M}",
+                        dtype="float32", device=f"cpu x{threads}", median_ms=t["median_ms"] * M / steps,
+                        p20_ms=t["p20_ms"] * M / steps, p80_ms=t["p80_ms"] * M / steps,
+                        gflops=flops_tok * tok_s[k] / 1e9, ratio=tok_s[k] / tok_s[base_name],
+                        extra=f"{tok_s[k]:.1f} image tok/s; vs {base_name}; peak {peak:.0f} GFLOP/s {extra}".strip())
+    rec.print_table()
+    if write_csv:
+        print("wrote", rec.write())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--configs", nargs="*", default=None, choices=list(CONFIGS))
+    p.add_argument("--threads", type=int, default=2,
+                   help="intra-op threads (1 is steadier on a shared machine: one-token steps are too small to split)")
+    a = p.parse_args()
+    configs = a.configs or (["matched"] if a.quick else list(CONFIGS))
+    t0 = time.time()
+    run(configs, [1, 16], reps=2 if a.quick else 3, write_csv=not a.quick, threads=a.threads)
+    print(f"({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
