@@ -48,6 +48,19 @@ inline void check_inputs(const at::Tensor& x, const at::Tensor& stats, double ep
   TORCH_CHECK(eps > 0.0 && eps < 0.5, "logit_laplace_loss: eps must be in (0, 0.5), got ", eps);
 }
 
+// The backward's extra input: grad has x's shape for 'none', is a scalar otherwise.
+inline void check_backward_grad(const at::Tensor& grad, const at::Tensor& x, Reduction red,
+                                const std::string& reduction) {
+  TORCH_CHECK(grad.device() == x.device(), "_logit_laplace_loss_backward: grad must be on x's device");
+  if (red == kNone) {
+    TORCH_CHECK(grad.sizes() == x.sizes(), "_logit_laplace_loss_backward: grad must have x's shape ",
+                x.sizes(), " for reduction 'none', got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "_logit_laplace_loss_backward: grad must be a scalar for reduction '",
+                reduction, "', got shape ", grad.sizes());
+  }
+}
+
 // A tensor whose every batch row t[b] is one contiguous block (any stride between rows): the
 // kernels address element i of row b as b * row_stride + i (row_stride >= 0). A channel slice of a
 // wider decoder output qualifies without a copy; anything else is made contiguous.

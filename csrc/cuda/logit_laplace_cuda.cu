@@ -181,14 +181,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad, const a
                                                  bool compute_grad_x) {
   check_inputs(x_in, stats_in, eps);
   const Reduction red = parse_reduction(reduction);
-  TORCH_CHECK(grad.device() == x_in.device(), "_logit_laplace_loss_backward: grad must be on x's device");
-  if (red == kNone) {
-    TORCH_CHECK(grad.sizes() == x_in.sizes(), "_logit_laplace_loss_backward: grad must have x's shape ",
-                x_in.sizes(), " for reduction 'none', got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.numel() == 1, "_logit_laplace_loss_backward: grad must be a scalar for reduction '",
-                reduction, "', got shape ", grad.sizes());
-  }
+  check_backward_grad(grad, x_in, red, reduction);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_contiguous(x_in), stats = rows_contiguous(stats_in);
   at::Tensor grad_stats = at::empty(stats.sizes(), stats.options().memory_format(at::MemoryFormat::Contiguous));
