@@ -42,11 +42,40 @@ def test_bundle_script_end_to_end_shortened(tmp_path):
     """The real script with tiny step counts: tokenizer, dVAE, transformer, CLIP, export, grid."""
     env = dict(os.environ, VAE_STEPS="2", DALLE_STEPS="3", DALLE_MINUTES="", CLIP_STEPS="2", LENGTH="64", BATCH="8",
                N_SAMPLES="2", KEEP="1", DEST="", GRID=str(tmp_path / "grid.png"), PYTHON=sys.executable)
+    before = _asset_digests()
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "make_bundled_model.sh"), str(tmp_path / "work")],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _asset_digests() == before, "DEST='' must leave the bundled model in dalle_fast/assets untouched"
     export = tmp_path / "work" / "dalle" / "export"
     model, vae, tok, clip = load_bundle(str(export))
     assert clip is not None and (tmp_path / "grid.png").is_file()
     assert model.config.text_len == 16 and model.config.image_size == vae.tokens_per_side == 8
     assert next(model.parameters()).dtype == torch.float32  # exported in fp16, loaded back as fp32
+
+
+def _asset_digests():
+    import hashlib
+    root = os.path.join(ROOT, "dalle_fast", "assets")
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, f), root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("caption,channel", [("a large red circle", 0), ("a small blue square", 2),
+                                             ("a large green triangle", 1)])
+def test_bundled_model_draws_the_named_colour(caption, channel):
+    """A guard against shipping an untrained or wrong bundle: the lit pixels of the samples carry the
+    caption's colour (green triangles were held out of training: colour composes zero-shot)."""
+    from dalle_fast.generate import generate
+    model, vae, tok, _ = load_bundle(None)
+    out = generate(model, vae, [caption], num_images=4, seed=0, tokenizer=tok)
+    img = out.images.flatten(0, 1)                      # (4, 3, H, W)
+    lit = img.amax(dim=1, keepdim=True) > 0.5           # object pixels on the black background
+    assert lit.float().mean() > 0.01, "the samples are blank"
+    mean = (img * lit).sum(dim=(0, 2, 3)) / lit.sum()
+    others = [c for c in range(3) if c != channel]
+    assert (mean[channel] > mean[others] + 0.3).all(), f"{caption}: mean colour of lit pixels {mean.tolist()}"
