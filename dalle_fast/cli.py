@@ -27,6 +27,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):  # every command that takes --threads means the same by it
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         rc = args.func(args)
     except KeyboardInterrupt:

@@ -72,9 +72,6 @@ def register(subparsers):
 
 
 def _main(args):
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not args.skip_vae:
         _dvae_part(args)
     t0 = time.perf_counter()

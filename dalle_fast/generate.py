@@ -192,8 +192,6 @@ def save_images(images, directory, captions, scores=None):
 # ---- command line ----
 def _cmd_generate(args):
     from .viz import image_grid
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, vae, tokenizer, clip = load_bundle(args.checkpoint, device=args.device, backend=args.backend)
     if args.no_clip:
         clip = None

@@ -4,7 +4,6 @@ pretrained CLIP is at hand (nothing is downloaded). Writes an open_clip local-di
 dalle_fast.clip.CLIPReranker.from_pretrained reads.
 """
 import argparse
-import os
 
 import torch
 
@@ -95,8 +94,6 @@ def register(subparsers):
 
 
 def _cmd(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = train_clip(args)
     print(f"wrote the CLIP model to {out}")
     return 0

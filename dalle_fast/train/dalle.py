@@ -273,8 +273,6 @@ def register(subparsers):
 
 
 def _cmd(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = train_dalle(args)
     print(f"exported the model to {out}")
     return 0

@@ -296,8 +296,6 @@ def register(subparsers):
 
 
 def _main(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = TrainVAEConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, config=args.config,
                          lr=args.lr, beta=args.beta, mse_weight=args.mse_weight, tau_frac=args.tau_frac, beta_frac=args.beta_frac,
                          precision=args.precision, device=args.device, backend=args.backend, seed=args.seed,
