@@ -64,4 +64,15 @@ TORCH_LIBRARY(dalle_fast, m) {
   m.def("sparse_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, int position, str kind, "
         "int text_len, int image_size, int conv_kernel, float scale) -> Tensor");
   // ---- sparse_attention (end) ----
+
+  // ---- transformer_decode_step (begin) ----
+  // One cached sampling step of DALLE (csrc/decode_step.cpp): tokens (B,) are image token `index`;
+  // params = image_emb, image_row, image_col weights, then per layer (11): attention norm weight, bias,
+  // to_qkv weight, to_out weight, bias, MLP norm weight, bias, fc1 weight, bias, fc2 weight, bias, then
+  // final_norm weight, bias, to_image_logits weight, bias. Writes each layer's k/v at text_len + index
+  // into its caches (B, heads, L, dim_head); returns the fp32 image logits (B, image vocab) of token index + 1.
+  m.def("transformer_decode_step(Tensor tokens, int index, Tensor[] params, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, str[] kinds, int text_len, int image_size, int conv_kernel, int heads, "
+        "float eps, float scale) -> Tensor");
+  // ---- transformer_decode_step (end) ----
 }

@@ -291,11 +291,12 @@ class DALLE(nn.Module):
 
     # ---- cached decoding (used by dalle_fast.generate) ----
     def new_kv_caches(self, batch, dtype=None, device=None):
+        """One preallocated KVCache per layer, as a DecodeCaches list (it also holds what the fused step needs)."""
         from ..nn import KVCache
         p = next(self.parameters())
         cfg = self.config
-        return [KVCache(batch, cfg.heads, cfg.seq_len, cfg.dim_head, dtype or p.dtype, device or p.device)
-                for _ in self.layers]
+        return DecodeCaches(KVCache(batch, cfg.heads, cfg.seq_len, cfg.dim_head, dtype or p.dtype, device or p.device)
+                            for _ in self.layers)
 
     def prefill(self, text, kv_caches):
         """One parallel pass over the prompt: fills the caches at positions 0..T-1 and returns the
@@ -303,10 +304,43 @@ class DALLE(nn.Module):
         h = self.hidden(text, None, kv_caches)
         return self.image_logits(h[:, -1])
 
-    def decode_step(self, image_token, index, kv_caches):
+    def decode_params(self):
+        """The tensors of one cached step, in the order of dalle_fast.ops.decode_step.transformer_decode_step."""
+        ps = [self.image_emb.weight, self.image_row.weight, self.image_col.weight]
+        for layer in self.layers:
+            a, m = layer.attn, layer.mlp
+            ps += [a.norm.weight, a.norm.bias, a.attn.to_qkv.weight, a.attn.to_out.weight, a.attn.to_out.bias,
+                   m.norm.weight, m.norm.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias]
+        n = self.final_norm
+        return ps + [n.weight, n.bias, self.to_image_logits.weight, self.to_image_logits.bias]
+
+    def _can_fuse_step(self):
+        """The fused step computes exactly the module path for the fused backend in eval (no dropout,
+        no hooks, nothing that needs gradients)."""
+        if self.config.backend != "fused" or (self.training and self.config.dropout > 0):
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+
+    def decode_step(self, image_token, index, kv_caches, fused=None):
         """image_token (B,) is image token `index` (sequence position T + index); writes its k/v into
-        the caches and returns the fp32 logits (B, image vocab) of image token index + 1."""
-        position = self.config.text_len + index
+        the caches and returns the fp32 logits (B, image vocab) of image token index + 1.
+        fused: None = the one-op step (dalle_fast.ops.decode_step) whenever it computes the same thing
+        (fused backend, eval, no grad, no hooks), True = require it, False = the module path."""
+        cfg = self.config
+        if not 0 <= index < cfg.image_len:
+            raise ValueError(f"decode_step: index must be in [0, {cfg.image_len}), got {index}")
+        if fused is None:
+            fused = isinstance(kv_caches, DecodeCaches) and kv_caches.fusable(self)
+        if fused:
+            from ..ops.decode_step import transformer_decode_step
+            state = kv_caches.fused_state(self) if isinstance(kv_caches, DecodeCaches) else \
+                DecodeCaches(kv_caches).fused_state(self)
+            return transformer_decode_step(image_token, index, state.params, state.k, state.v, state.kinds,
+                                           cfg.text_len, cfg.image_size, cfg.conv_kernel, cfg.heads,
+                                           self.final_norm.eps, cfg.dim_head ** -0.5)
+        position = cfg.text_len + index
         x = self.embed_image(image_token[:, None], start=index)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(x, kv_cache=cache, position=position)
@@ -338,3 +372,31 @@ class DALLE(nn.Module):
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
+
+
+class DecodeCaches(list):
+    """The KVCache of every layer (a list), plus what the fused step reads every step, gathered once
+    per generation: the parameter list and the cache tensors (the same tensors, so in-place weight
+    updates are seen; replacing a parameter object mid-generation is not)."""
+
+    @dataclasses.dataclass
+    class _Fused:
+        model_id: int
+        params: list
+        k: list
+        v: list
+        kinds: list
+
+    _state = None
+    _fusable = None
+
+    def fusable(self, model):
+        if self._fusable is None or self._fusable[0] != (id(model), model.training, torch.is_grad_enabled()):
+            self._fusable = ((id(model), model.training, torch.is_grad_enabled()), model._can_fuse_step())
+        return self._fusable[1]
+
+    def fused_state(self, model):
+        if self._state is None or self._state.model_id != id(model):
+            self._state = self._Fused(id(model), model.decode_params(), [c.k for c in self], [c.v for c in self],
+                                      model.config.kinds())
+        return self._state

@@ -1,0 +1,164 @@
+"""transformer_decode_step (csrc/decode_step.cpp): the one-op cached sampling step against DALLE's
+module path (its reference), on every mask kind, batch sizes, dtypes and bad input."""
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from dalle_fast.generate import sample_tokens
+from dalle_fast.models.dalle import DALLE, DALLEConfig, DecodeCaches
+from dalle_fast.ops.decode_step import transformer_decode_step
+from dalle_fast.testing import low_precision_tolerance, max_abs_err
+
+
+def model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return DALLE(DALLEConfig.tiny(**kw)).eval()
+
+
+def run_steps(m, text, image, steps, fused):
+    """Logits of `steps` cached steps after the prefill, and the caches they leave."""
+    with torch.no_grad():
+        caches = m.new_kv_caches(text.shape[0])
+        out = [m.prefill(text, caches)]
+        for j in range(steps):
+            out.append(m.decode_step(image[:, j], j, caches, fused=fused))
+    return torch.stack(out, 1), caches
+
+
+def inputs(cfg, batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, cfg.num_text_tokens, (batch, cfg.text_len), generator=g)
+    text[:, cfg.text_len // 2:] = 0  # padding tokens too
+    image = torch.randint(0, cfg.num_image_tokens, (batch, cfg.image_len), generator=g)
+    return text, image
+
+
+@given(kinds=st.lists(st.sampled_from(["row", "column", "conv", "full"]), min_size=1, max_size=3),
+       text_len=st.integers(1, 6), image_size=st.integers(1, 5), batch=st.integers(1, 3),
+       heads=st.integers(1, 3), dim_head=st.sampled_from([8, 16, 24]), conv_kernel=st.sampled_from([1, 3, 5]),
+       seed=st.integers(0, 2 ** 16))
+def test_fused_step_matches_module_path_float64(kinds, text_len, image_size, batch, heads, dim_head, conv_kernel,
+                                                  seed):
+    m = model(seed, depth=len(kinds), attention_kinds=kinds, text_len=text_len, image_size=image_size, heads=heads,
+              dim_head=dim_head, conv_kernel=conv_kernel).double()
+    text, image = inputs(m.config, batch, seed)
+    steps = m.config.image_len - 1
+    ref, ref_caches = run_steps(m, text, image, steps, fused=False)
+    got, got_caches = run_steps(m, text, image, steps, fused=True)
+    assert got.dtype == torch.float64 and got.shape == ref.shape
+    assert max_abs_err(got, ref) < 1e-12
+    for a, b in zip(got_caches, ref_caches):
+        assert max_abs_err(a.k, b.k) < 1e-12 and max_abs_err(a.v, b.v) < 1e-12
+    # and both equal the uncached forward: the step is right, not merely consistent
+    full = m(text, image)[1]
+    assert max_abs_err(got, full[:, :steps + 1]) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fused_step_low_precision(dtype, batch):
+    """Within twice the module path's own error in that dtype, both measured against float64."""
+    m = model(3, depth=4, text_len=5, image_size=4, dim=48, heads=3, dim_head=16)
+    text, image = inputs(m.config, batch)
+    ref64, _ = run_steps(_as(m, torch.float64), text, image, 10, fused=False)
+    mod, _ = run_steps(_as(m, dtype), text, image, 10, fused=False)
+    got, _ = run_steps(_as(m, dtype), text, image, 10, fused=True)
+    assert got.dtype == torch.float32  # fp32 logits, as the module path
+    if dtype == torch.float32:
+        assert max_abs_err(got, mod) < 1e-5
+    assert max_abs_err(got, ref64) <= low_precision_tolerance(ref64, mod)
+
+
+def _as(m, dtype):
+    c = DALLE(m.config)
+    c.load_state_dict(m.state_dict())
+    return c.to(dtype).eval()
+
+
+def test_decode_step_takes_the_fused_op_by_default_where_it_computes_the_same():
+    m = model(depth=2)
+    text, image = inputs(m.config, 1)
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return transformer_decode_step(*args, **kw)
+
+    import dalle_fast.ops.decode_step as mod
+    orig, mod.transformer_decode_step = mod.transformer_decode_step, spy
+    try:
+        with torch.no_grad():
+            caches = m.new_kv_caches(1)
+            assert isinstance(caches, DecodeCaches)
+            m.prefill(text, caches)
+            m.decode_step(image[:, 0], 0, caches)
+            assert len(calls) == 1
+            # the dense baseline, a training-mode model with dropout, and hooks keep the module path
+            for variant in (model(depth=2, backend="dense"), model(depth=2, dropout=0.1).train()):
+                c = variant.new_kv_caches(1)
+                variant.prefill(text, c)
+                variant.decode_step(image[:, 0], 0, c)
+            hooked = model(depth=2)
+            seen = []
+            hooked.layers[0].mlp.register_forward_hook(lambda *a: seen.append(1))
+            c = hooked.new_kv_caches(1)
+            hooked.prefill(text, c)
+            hooked.decode_step(image[:, 0], 0, c)
+            assert seen and len(calls) == 1
+        # with gradients on, the module path (the op is inference only)
+        c = m.new_kv_caches(1)
+        m.decode_step(image[:, 0], 0, c)
+        assert len(calls) == 1
+    finally:
+        mod.transformer_decode_step = orig
+
+
+def test_sampled_tokens_are_identical_with_and_without_the_fused_step():
+    m = model(5, depth=3, text_len=6, image_size=4)
+    text, _ = inputs(m.config, 2)
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = sample_tokens(m, text, generator=g1)
+    orig = DALLE._can_fuse_step
+    DALLE._can_fuse_step = lambda self: False
+    try:
+        b = sample_tokens(m, text, generator=g2)
+    finally:
+        DALLE._can_fuse_step = orig
+    c = sample_tokens(m, text, generator=torch.Generator().manual_seed(7), use_cache=False)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _op_args(m, batch=2, index=3):
+    cfg = m.config
+    caches = m.new_kv_caches(batch)
+    tokens = torch.randint(0, cfg.num_image_tokens, (batch,))
+    return [tokens, index, m.decode_params(), [c.k for c in caches], [c.v for c in caches], cfg.kinds(),
+            cfg.text_len, cfg.image_size, cfg.conv_kernel, cfg.heads, 1e-5, cfg.dim_head ** -0.5]
+
+
+def test_opcheck():
+    m = model(depth=2).requires_grad_(False)
+    torch.library.opcheck(torch.ops.dalle_fast.transformer_decode_step.default, _op_args(m),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_input_names_the_problem():
+    m = model(depth=2)
+    with torch.no_grad():
+        a = _op_args(m)
+        with pytest.raises(ValueError, match="parameters for 2 layers"):
+            transformer_decode_step(*(a[:2] + [a[2][:-1]] + a[3:]))
+        with pytest.raises(ValueError, match="one k and one v cache per layer"):
+            transformer_decode_step(*(a[:3] + [a[3][:1]] + a[4:]))
+        with pytest.raises(ValueError, match="index must be in"):
+            transformer_decode_step(*([a[0], m.config.image_len] + a[2:]))
+        with pytest.raises(TypeError, match="integer ids"):
+            transformer_decode_step(*([a[0].float()] + a[1:]))
+        with pytest.raises(ValueError, match="cache must be"):
+            transformer_decode_step(*(a[:3] + [[k[:1] for k in a[3]], a[4]] + a[5:]))
+        with pytest.raises(ValueError, match="kind must be"):
+            transformer_decode_step(*(a[:5] + [["row", "diagonal"]] + a[6:]))
+        with pytest.raises(ValueError, match="decode_step: index"):
+            m.decode_step(a[0], -1, m.new_kv_caches(2))
+    with pytest.raises(RuntimeError, match="inference only"):
+        transformer_decode_step(*_op_args(m))
