@@ -27,7 +27,14 @@ test: build
 selftest: build
 	$(PY) -m dalle_fast.selftest
 
-bench: build
+# Benchmarks also compare against peers (dalle-pytorch): installed on first use.
+PEERS = $(VENV)/.peers-installed
+$(PEERS): $(DEPS) scripts/requirements-peers.txt scripts/requirements-peers-deps.txt
+	$(PY) -m pip install -q --no-deps -r scripts/requirements-peers.txt
+	$(PY) -m pip install -q -r scripts/requirements-peers-deps.txt
+	touch $@
+
+bench: build $(PEERS)
 	$(PY) benchmarks/run_all.py
 
 clean:
