@@ -6,7 +6,8 @@ Each op module under dalle_fast.ops exposes selftest(device) -> list of rows
 import importlib
 import sys
 
-OP_MODULES = ["dalle_fast.ops.gumbel_softmax", "dalle_fast.ops.logit_laplace", "dalle_fast.ops.sparse_attention"]
+OP_MODULES = ["dalle_fast.ops.gumbel_softmax", "dalle_fast.ops.logit_laplace", "dalle_fast.ops.sparse_attention",
+              "dalle_fast.ops.decode_step"]
 
 
 def run(devices=None, out=sys.stdout):

@@ -162,3 +162,22 @@ def test_bad_input_names_the_problem():
             m.decode_step(a[0], -1, m.new_kv_caches(2))
     with pytest.raises(RuntimeError, match="inference only"):
         transformer_decode_step(*_op_args(m))
+
+
+def test_selftest_rows_pass():
+    from dalle_fast.ops.decode_step import selftest
+    rows = selftest("cpu")
+    assert len(rows) == 3 and all(err <= tol for _, _, _, err, tol in rows), rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_step_on_cuda():
+    from dalle_fast.ops.decode_step import selftest
+    rows = selftest("cuda")
+    assert all(err <= tol for _, _, _, err, tol in rows), rows
+    m = model(2, depth=4, text_len=5, image_size=4).cuda()
+    text, _ = inputs(m.config, 3)
+    text = text.cuda()
+    a = sample_tokens(m, text, generator=torch.Generator("cuda").manual_seed(0))
+    b = sample_tokens(m, text, generator=torch.Generator("cuda").manual_seed(0), use_cache=False)
+    assert torch.equal(a, b)
