@@ -161,9 +161,10 @@ def bundled_model_dir():
     return str(files("dalle_fast") / "assets")
 
 
-def load_bundle(checkpoint=None, device="cpu", backend=None):
+def load_bundle(checkpoint=None, device="cpu", backend=None, dtype=torch.float32):
     """(model, vae, tokenizer, clip or None) of a model directory holding dalle/, dvae/, tokenizer.json
-    and optionally clip/ (the bundled assets, or a train-dalle run's export/)."""
+    and optionally clip/ (the bundled assets, or a train-dalle run's export/). dtype: the transformer's
+    (its logits stay fp32; the dVAE and CLIP load in fp32)."""
     from .clip import CLIPReranker
     from .models.dalle import DALLE
     from .models.dvae import DiscreteVAE
@@ -177,7 +178,7 @@ def load_bundle(checkpoint=None, device="cpu", backend=None):
                                     "(expected dalle/, dvae/, tokenizer.json and optionally clip/)")
     vae = DiscreteVAE.from_pretrained(os.path.join(root, "dvae"), device=device).eval()
     overrides = {"backend": backend} if backend else {}
-    model = DALLE.from_pretrained(os.path.join(root, "dalle"), vae=vae, device=device, **overrides)
+    model = DALLE.from_pretrained(os.path.join(root, "dalle"), vae=vae, device=device, dtype=dtype, **overrides)
     tokenizer = BPETokenizer.from_file(os.path.join(root, "tokenizer.json"))
     model.tokenizer = tokenizer
     clip_dir = os.path.join(root, "clip")
@@ -202,9 +203,13 @@ def save_images(images, directory, captions, scores=None):
 
 
 # ---- command line ----
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _cmd_generate(args):
     from .viz import image_grid
-    model, vae, tokenizer, clip = load_bundle(args.checkpoint, device=args.device, backend=args.backend)
+    model, vae, tokenizer, clip = load_bundle(args.checkpoint, device=args.device, backend=args.backend,
+                                              dtype=DTYPES[args.dtype])
     if args.no_clip:
         clip = None
     keep = args.keep
@@ -239,6 +244,8 @@ def register(subparsers):
     p.add_argument("--batch-size", type=int, default=None, help="sequences sampled at once (default: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None, help="attention backend override: fused, flex or dense")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="the transformer's dtype while sampling (logits stay fp32)")
     p.add_argument("--no-clip", action="store_true", help="do not rerank")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--scale", type=int, default=2, help="upscaling of the grid's tiles (nearest)")
