@@ -23,6 +23,11 @@ namespace dalle_fast {
 namespace {
 
 #if DF_HAVE_AVX512_PACK
+// GCC 12's AVX-512 headers build _mm512_undefined_*() from a self-initialized variable, which
+// -Wuninitialized reports at every inlined use; the values are never read.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // In-register 16 x 16 transpose of 32-bit elements.
 DF_AVX512 inline void transpose16x16_epi32(__m512i r[16]) {
   __m512i t[16];
@@ -36,8 +41,8 @@ DF_AVX512 inline void transpose16x16_epi32(__m512i r[16]) {
     r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
     r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
   }
-  // r[4g + j] now holds, in 128-bit lane l, elements 4l..4l+3 of column j + 4 * (g's pair) ...;
-  // two lane shuffles finish the transpose.
+  // Each 128-bit lane now holds a 4 x 4 sub-block transposed; two rounds of lane shuffles put the
+  // sub-blocks in place. Partial tiles are masked loads/stores (tests cover D and key counts off 16).
   for (int g = 0; g < 16; g += 8)
     for (int j = 0; j < 4; ++j) {
       t[g + j] = _mm512_shuffle_i32x4(r[g + j], r[g + j + 4], 0x88);
@@ -128,6 +133,7 @@ DF_AVX512 float dot_bf16_avx512(const uint16_t* a, const uint16_t* b, int64_t n)
   }
   return _mm512_reduce_add_ps(s);
 }
+#pragma GCC diagnostic pop
 #endif
 
 }  // namespace
