@@ -209,6 +209,80 @@ def test_low_precision_within_twice_pytorch_error(device, dtype, kind):
         assert_within_pytorch_error(a, e, p, what=f"{kind} {dtype} d{name}")
 
 
+def _low_precision_check(kind, T, S, B, H, D, dtype, conv_kernel=11, seed=0):
+    q, k, v = qkv(T, S, B, H, D, seed=seed)
+    xl = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    x64 = [t.detach().double().requires_grad_() for t in xl]
+    xp = [t.detach().clone().requires_grad_() for t in xl]
+    out = dalle_fast.sparse_attention(*xl, kind, T, S, conv_kernel=conv_kernel)
+    e64 = ref.sparse_attention(*x64, kind, T, S, conv_kernel=conv_kernel)
+    pt = ref.sparse_attention(*xp, kind, T, S, conv_kernel=conv_kernel)
+    assert out.dtype == dtype
+    assert_within_pytorch_error(out, e64, pt, what=f"{kind} {dtype} D={D} out")
+    go = rand(out.shape, seed=seed + 7).to(dtype)
+    for name, a, e, p in zip("qkv", torch.autograd.grad(out, xl, go), torch.autograd.grad(e64, x64, go.double()),
+                             torch.autograd.grad(pt, xp, go)):
+        assert a.dtype == dtype
+        assert_within_pytorch_error(a, e, p, what=f"{kind} {dtype} D={D} d{name}")
+
+
+# The bf16 tile GEMMs pack operands in 16 x 16 / 32-wide pieces and pad odd key and query counts:
+# head dims below, between and above those widths (odd D takes the fp32 path), odd key counts per
+# block (T odd, small images), a conv window wider than the image, batch and heads > 1.
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,S,B,H,D,ck", [(3, 5, 1, 1, 2, 3), (17, 7, 2, 3, 6, 5), (0, 9, 1, 2, 40, 11),
+                                          (33, 6, 1, 1, 66, 3), (5, 4, 1, 2, 7, 3), (64, 8, 1, 1, 130, 5)])
+def test_bf16_tile_shapes_within_twice_pytorch_error(kind, T, S, B, H, D, ck):
+    _low_precision_check(kind, T, S, B, H, D, torch.bfloat16, conv_kernel=ck)
+
+
+_BF16_CHILD = (
+    "import torch, dalle_fast\n"
+    "from dalle_fast.reference import sparse_attention as ref\n"
+    "from dalle_fast.testing import assert_within_pytorch_error\n"
+    "g = torch.Generator().manual_seed(0)\n"
+    "outs = []\n"
+    "for kind in ('row', 'column', 'conv', 'full'):\n"
+    "    T, S, D = 9, 10, 12\n"
+    "    x = [torch.randn(1, 2, T + S * S, D, generator=g).bfloat16().requires_grad_() for _ in range(3)]\n"
+    "    x64 = [t.detach().double().requires_grad_() for t in x]\n"
+    "    xp = [t.detach().clone().requires_grad_() for t in x]\n"
+    "    out = dalle_fast.sparse_attention(*x, kind, T, S, conv_kernel=5)\n"
+    "    e64, pt = ref.sparse_attention(*x64, kind, T, S, conv_kernel=5), ref.sparse_attention(*xp, kind, T, S, conv_kernel=5)\n"
+    "    assert_within_pytorch_error(out, e64, pt, what=kind)\n"
+    "    go = torch.randn(out.shape, generator=g).bfloat16()\n"
+    "    gs = torch.autograd.grad(out, x, go)\n"
+    "    for a, e, p in zip(gs, torch.autograd.grad(e64, x64, go.double()), torch.autograd.grad(pt, xp, go)):\n"
+    "        assert_within_pytorch_error(a, e, p, what=kind)\n"
+    "    outs += [out.detach()] + list(gs)\n"
+    "torch.save(outs, OUT)\n"
+    "print('ok')\n")
+
+
+def _run_bf16_child(tmp_path, name, **env):
+    path = tmp_path / f"{name}.pt"
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **env)
+    res = subprocess.run([sys.executable, "-c", f"OUT = {str(path)!r}\n" + _BF16_CHILD], env=full_env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    return torch.load(path)
+
+
+def test_bf16_odd_query_blocks_in_subprocess(tmp_path):
+    """7-query blocks: odd query counts per block (padded contraction of dK/dV), blocks cut inside rows."""
+    _run_bf16_child(tmp_path, "block7", DALLE_FAST_SPARSE_BLOCK="7")
+
+
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                    reason="the bf16 tile GEMMs need AVX-512 (brgemm's VNNI bf16 path)")
+def test_bf16_tile_gemm_path_is_taken(tmp_path):
+    """bf16 on an AVX-512 CPU runs the bf16 GEMM path: its results differ from the fp32-upcast path
+    (DALLE_FAST_SPARSE_BF16_GEMM=0) by the rounding of P and dS, and both stay within the error bar."""
+    fast = _run_bf16_child(tmp_path, "bf16")
+    upcast = _run_bf16_child(tmp_path, "fp32", DALLE_FAST_SPARSE_BF16_GEMM="0")
+    assert any(not torch.equal(a, b) for a, b in zip(fast, upcast))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradcheck_float64(kind):
     q, k, v = qkv(2, 3, 1, 1, 3, requires_grad=True)
