@@ -75,19 +75,19 @@ at::Tensor transformer_decode_step(const at::Tensor& tokens, int64_t index, at::
                       "transformer_decode_step: layer ", l, "'s cache must be (B=", B, ", heads=", heads,
                       ", L > ", position, ", dim_head), got ", kc.sizes());
     const int64_t Dh = kc.size(3);
-    // attention branch: x += to_out(attend(q, caches)), q/k/v from to_qkv(norm(x))
-    auto h = at::layer_norm(x, {dim}, p[0], p[1], eps);
+    // attention branch: x += to_out(attend(q, caches)), q/k/v from to_qkv(norm(x)); the branch runs in
+    // its matrices' dtype (16-bit under DALLE.cast_resblocks_), the residual stream x in its own
+    auto h = at::layer_norm(x, {dim}, p[0], p[1], eps).to(p[2].scalar_type());
     auto qkv = at::linear(h, p[2]).view({B, 3, heads, Dh});
     kc.select(2, position).copy_(qkv.select(1, 1));
     vc.select(2, position).copy_(qkv.select(1, 2));
-    auto q = qkv.select(1, 0).unsqueeze(2);  // (B, heads, 1, Dh)
+    auto q = qkv.select(1, 0).unsqueeze(2).to(kc.scalar_type());  // (B, heads, 1, Dh)
     auto att = sparse_attention_decode(q, kc, vc, position, kinds[l], text_len, image_size, conv_kernel, scale);
-    x.addmm_(att.view({B, heads * Dh}), p[3].t()).add_(p[4]);
+    x.add_(at::linear(att.view({B, heads * Dh}).to(p[3].scalar_type()), p[3], p[4]));
     // MLP branch: x += fc2(gelu(fc1(norm(x))))
-    h = at::layer_norm(x, {dim}, p[5], p[6], eps);
-    h = at::linear(h, p[7], p[8]);
+    h = at::linear(at::layer_norm(x, {dim}, p[5], p[6], eps).to(p[7].scalar_type()), p[7], p[8]);
     at::gelu_(h);
-    x.addmm_(h, p[9].t()).add_(p[10]);
+    x.add_(at::linear(h, p[9], p[10]));
   }
 
   // final norm and image head in fp32 (fp64 for a float64 model), as DALLE._logits

@@ -163,8 +163,9 @@ def bundled_model_dir():
 
 def load_bundle(checkpoint=None, device="cpu", backend=None, dtype=torch.float32):
     """(model, vae, tokenizer, clip or None) of a model directory holding dalle/, dvae/, tokenizer.json
-    and optionally clip/ (the bundled assets, or a train-dalle run's export/). dtype: the transformer's
-    (its logits stay fp32; the dVAE and CLIP load in fp32)."""
+    and optionally clip/ (the bundled assets, or a train-dalle run's export/). dtype: that of the
+    transformer's residual branches (DALLE.cast_resblocks_, the paper's mixed precision: embeddings,
+    gains, heads and logits stay fp32); the dVAE and CLIP load in fp32."""
     from .clip import CLIPReranker
     from .models.dalle import DALLE
     from .models.dvae import DiscreteVAE
@@ -178,7 +179,8 @@ def load_bundle(checkpoint=None, device="cpu", backend=None, dtype=torch.float32
                                     "(expected dalle/, dvae/, tokenizer.json and optionally clip/)")
     vae = DiscreteVAE.from_pretrained(os.path.join(root, "dvae"), device=device).eval()
     overrides = {"backend": backend} if backend else {}
-    model = DALLE.from_pretrained(os.path.join(root, "dalle"), vae=vae, device=device, dtype=dtype, **overrides)
+    model = DALLE.from_pretrained(os.path.join(root, "dalle"), vae=vae, device=device,
+                                  resblock_dtype=None if dtype == torch.float32 else dtype, **overrides)
     tokenizer = BPETokenizer.from_file(os.path.join(root, "tokenizer.json"))
     model.tokenizer = tokenizer
     clip_dir = os.path.join(root, "clip")
@@ -245,7 +247,8 @@ def register(subparsers):
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default=None, help="attention backend override: fused, flex or dense")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="the transformer's dtype while sampling (logits stay fp32)")
+                   help="dtype of the transformer's residual branches and KV caches while sampling; "
+                        "embeddings, gains, heads and logits stay fp32 (the paper's mixed precision)")
     p.add_argument("--no-clip", action="store_true", help="do not rerank")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--scale", type=int, default=2, help="upscaling of the grid's tiles (nearest)")

@@ -181,3 +181,27 @@ def test_fused_step_on_cuda():
     a = sample_tokens(m, text, generator=torch.Generator("cuda").manual_seed(0))
     b = sample_tokens(m, text, generator=torch.Generator("cuda").manual_seed(0), use_cache=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paper_mixed_precision_sampling(dtype):
+    """cast_resblocks_: 16-bit branch matrices and KV caches, fp32 residual stream, gains, embeddings and
+    heads; the fused step matches the module path, both within twice the all-16-bit model's error."""
+    m = model(4, depth=4, text_len=5, image_size=4, dim=48, heads=3, dim_head=16)
+    text, image = inputs(m.config, 2)
+    ref64, _ = run_steps(_as(m, torch.float64), text, image, 10, fused=False)
+    mixed = _as(m, torch.float32).cast_resblocks_(dtype)
+    assert mixed.layers[0].mlp.fc1.weight.dtype == dtype and mixed.layers[0].attn.attn.to_qkv.weight.dtype == dtype
+    assert mixed.layers[0].mlp.norm.weight.dtype == torch.float32
+    assert mixed.to_image_logits.weight.dtype == mixed.image_emb.weight.dtype == torch.float32
+    assert mixed.new_kv_caches(1)[0].k.dtype == dtype
+    mod, _ = run_steps(mixed, text, image, 10, fused=False)
+    got, _ = run_steps(mixed, text, image, 10, fused=True)
+    assert got.dtype == torch.float32
+    assert max_abs_err(got, mod) <= 0.25 * max_abs_err(mod, ref64) + 1e-6
+    all16, _ = run_steps(_as(m, dtype), text, image, 10, fused=False)
+    assert max_abs_err(got, ref64) <= low_precision_tolerance(ref64, all16)
+    # and the full forward (training path, prefill) runs mixed too
+    with torch.no_grad():
+        full = mixed(text, image)[1]
+    assert max_abs_err(full[:, :11], ref64) <= low_precision_tolerance(ref64, all16)

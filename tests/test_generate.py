@@ -155,8 +155,8 @@ def test_generate_command_writes_grid_and_images(parts, tmp_path):
                  "--out", str(out)]) == 2  # --keep needs a CLIP model
     assert main(["generate", "", "--checkpoint", str(root), "--out", str(out)]) == 2
     assert main(["generate", "a red circle", "--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 2
-    # a bf16 transformer samples too (its logits stay fp32)
+    # sampling with 16-bit residual branches (the paper's mixed precision; heads stay fp32)
     m16 = load_bundle(str(root), dtype=torch.bfloat16)[0]
-    assert m16.to_image_logits.weight.dtype == torch.bfloat16
+    assert m16.layers[0].mlp.fc1.weight.dtype == torch.bfloat16 and m16.to_image_logits.weight.dtype == torch.float32
     assert main(["generate", CAPS[0], "--checkpoint", str(root), "-n", "2", "--dtype", "bfloat16",
                  "--out", str(tmp_path / "bf16.png")]) == 0 and (tmp_path / "bf16.png").is_file()

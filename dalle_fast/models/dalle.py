@@ -134,7 +134,8 @@ class MLPBranch(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.fc2(F.gelu(self.fc1(self.norm(x)))))
+        h = self.norm(x)
+        return self.dropout(self.fc2(F.gelu(self.fc1(h.to(self.fc1.weight.dtype)))))
 
 
 class TransformerLayer(nn.Module):
@@ -199,6 +200,15 @@ class DALLE(nn.Module):
                 if name.endswith("weight") and ("out" in name or "proj" in name or name == "fc2.weight") \
                         and "qkv" not in name:
                     p.mul_(1.0 / math.sqrt(2 * self.config.depth))
+
+    def cast_resblocks_(self, dtype):
+        """The paper's mixed precision (Appendix D) for sampling: the matrices of every residual branch
+        (qkv, output projection, MLP) and their biases in `dtype` (16-bit), the KV caches too; gains,
+        embeddings, unembeddings and the residual stream stay fp32, the logits fp32. Returns self."""
+        for layer in self.layers:
+            for lin in (layer.attn.attn.to_qkv, layer.attn.attn.to_out, layer.mlp.fc1, layer.mlp.fc2):
+                lin.to(dtype)
+        return self
 
     def resblocks(self):
         """The residual branches in order (2 per layer: attention then MLP)."""
@@ -293,7 +303,7 @@ class DALLE(nn.Module):
     def new_kv_caches(self, batch, dtype=None, device=None):
         """One preallocated KVCache per layer, as a DecodeCaches list (it also holds what the fused step needs)."""
         from ..nn import KVCache
-        p = next(self.parameters())
+        p = self.layers[0].attn.attn.to_qkv.weight  # the attention's dtype (see cast_resblocks_)
         cfg = self.config
         return DecodeCaches(KVCache(batch, cfg.heads, cfg.seq_len, cfg.dim_head, dtype or p.dtype, device or p.device)
                             for _ in self.layers)
@@ -356,8 +366,10 @@ class DALLE(nn.Module):
         atomic_write_json({"model": "DALLE", "config": self.config.to_dict()}, os.path.join(directory, "config.json"))
 
     @classmethod
-    def from_pretrained(cls, directory, vae=None, device="cpu", dtype=torch.float32, **overrides):
-        """overrides replace config fields (e.g. backend="dense")."""
+    def from_pretrained(cls, directory, vae=None, device="cpu", dtype=torch.float32, resblock_dtype=None,
+                        **overrides):
+        """overrides replace config fields (e.g. backend="dense"). dtype: the whole model's;
+        resblock_dtype: the residual branches' matrices only (cast_resblocks_, the paper's scheme)."""
         from ..checkpoint import load_safetensors
         path = os.path.join(directory, "config.json")
         if not os.path.isfile(path):
@@ -368,7 +380,10 @@ class DALLE(nn.Module):
         model = cls(cfg, vae=vae)
         sd = load_safetensors(os.path.join(directory, "model.safetensors"))
         model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()})
-        return model.to(device=device, dtype=dtype).eval()
+        model = model.to(device=device, dtype=dtype)
+        if resblock_dtype is not None:
+            model.cast_resblocks_(resblock_dtype)
+        return model.eval()
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
