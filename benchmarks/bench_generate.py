@@ -14,6 +14,9 @@ depth 2. Providers (same weights for the first three):
   dalle_pytorch     dalle-pytorch 1.6.6 generate_images (cond_scale 1: its use_cache is silently ignored,
                     so every step recomputes the prefix)
   dalle_pytorch_cache  its working cached loop: forward(text, image, cache=cache) one token at a time
+  dalle_fast_bf16 / dalle_pytorch_cache_bf16  the same in 16-bit: ours in the paper's mixed precision
+                    (DALLE.cast_resblocks_: bf16 branch matrices and KV caches, fp32 embeddings, gains,
+                    heads and logits), the peer's whole model in bf16
 Timed: the token loop only (the dVAE decode is the same for everybody and left out). Cached providers
 run whole generations; uncached ones (cost grows with the prefix) are timed on steps spread evenly
 over the image, whose mean is the mean step of a whole generation ("est" in the extra column).
@@ -145,7 +148,14 @@ def run(config_names, batches, reps, write_csv, threads=2):
         kw = CONFIGS[cname]
         model, dense = ours(kw, "fused"), ours(kw, "dense")
         dense.load_state_dict(model.state_dict())
+        mixed = ours(kw, "fused")
+        mixed.load_state_dict(model.state_dict())
+        mixed.cast_resblocks_(torch.bfloat16)
         m_peer = peer(dp, kw) if dp is not None else None
+        peer_bf16 = None
+        if m_peer is not None:
+            peer_bf16 = peer(dp, kw).bfloat16()
+            peer_bf16.vae.decode = m_peer.vae.decode
         M = kw["image_size"] ** 2
         # GEMM work per generated token (weights of every layer + the image head), for GFLOP/s
         flops_tok = 2 * (kw["depth"] * 12 * kw["dim"] ** 2 + kw["dim"] * VOCAB_IMAGE)
@@ -159,6 +169,8 @@ def run(config_names, batches, reps, write_csv, threads=2):
             check(model, dense, m_peer, text, text_peer)
             timings = {}
             timings["dalle_fast"] = (measure(lambda: sample_tokens(model, text), warmup=1, reps=reps), M, "")
+            timings["dalle_fast_bf16"] = (measure(lambda: sample_tokens(mixed, text), warmup=1, reps=reps), M,
+                                          "bf16 residual branches, fp32 heads (cast_resblocks_)")
             timings["full_kv_cache"] = (measure(lambda: sample_tokens(dense, text), warmup=1, reps=reps), M, "")
             ours_steps, peer_steps = uncached_step_fns(model, m_peer, text, text_peer, positions)
             timings["no_cache"] = (measure(ours_steps, warmup=1, reps=max(1, reps // 2)), n_pos,
@@ -168,11 +180,18 @@ def run(config_names, batches, reps, write_csv, threads=2):
                                             f"est from {n_pos} steps (generate_images path)")
                 timings["dalle_pytorch_cache"] = (measure(lambda: peer_cached_loop(m_peer, text_peer), warmup=1,
                                                           reps=reps), M, "")
+                timings["dalle_pytorch_cache_bf16"] = (measure(lambda: peer_cached_loop(peer_bf16, text_peer),
+                                                               warmup=1, reps=reps), M, "the whole model in bf16")
             base_name = "dalle_pytorch_cache" if m_peer is not None else "full_kv_cache"
             tok_s = {k: B * steps / (t["median_ms"] * 1e-3) for k, (t, steps, _) in timings.items()}
+            if "dalle_pytorch_cache_bf16" in tok_s:  # bf16 against bf16 too
+                r = tok_s["dalle_fast_bf16"] / tok_s["dalle_pytorch_cache_bf16"]
+                t, steps, extra = timings["dalle_fast_bf16"]
+                timings["dalle_fast_bf16"] = (t, steps, f"{extra}; {r:.2f}x dalle_pytorch_cache_bf16")
             for k, (t, steps, extra) in timings.items():
                 rec.add(op="generate", provider=k, mode="sample", shape=f"{cname} B={B} N={kw['text_len'] + M}",
-                        dtype="float32", device=f"cpu x{threads}", median_ms=t["median_ms"] * M / steps,
+                        dtype="bfloat16" if k.endswith("_bf16") else "float32", device=f"cpu x{threads}",
+                        median_ms=t["median_ms"] * M / steps,
                         p20_ms=t["p20_ms"] * M / steps, p80_ms=t["p80_ms"] * M / steps,
                         gflops=flops_tok * tok_s[k] / 1e9, ratio=tok_s[k] / tok_s[base_name],
                         extra=f"{tok_s[k]:.1f} image tok/s; vs {base_name}; peak {peak:.0f} GFLOP/s {extra}".strip())
