@@ -13,7 +13,7 @@
 # Every size is an environment variable so that tests/test_bundled.py can run a shortened version:
 #   VAE_STEPS VAE_BATCH DALLE_STEPS DALLE_MINUTES CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
 # A step whose output is already in WORK_DIR (dVAE, CLIP, transformer export) is not run again.
-# CPU time with the defaults: see README (about 20 minutes on 2 shared cores).
+# CPU time with the defaults: 28 minutes from scratch in one run (1 thread; README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,8 +21,8 @@ WORK=${1:-build/bundled_model}
 PYTHON=${PYTHON:-.venv/bin/python}
 VAE_STEPS=${VAE_STEPS:-1500}
 VAE_BATCH=${VAE_BATCH:-8}
-DALLE_STEPS=${DALLE_STEPS:-3000}
-DALLE_MINUTES=${DALLE_MINUTES-12} # time box of the transformer's run (fewer steps on a busy machine; '' = none)
+DALLE_STEPS=${DALLE_STEPS:-8000}
+DALLE_MINUTES=${DALLE_MINUTES-35} # time box of the transformer's run (fewer steps on a busy machine; '' = none)
 CLIP_STEPS=${CLIP_STEPS:-300}
 LENGTH=${LENGTH:-20000}          # Shapes items (training split) for the tokenizer, transformer and CLIP
 BATCH=${BATCH:-32}
