@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu/linear_small_cpu.h"
+
 namespace dalle_fast {
 namespace {
 
@@ -31,6 +33,15 @@ at::Tensor sparse_attention_decode(const at::Tensor& q, const at::Tensor& kc, co
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
                                          c10::string_view, int64_t, int64_t, int64_t, double)>();
   return op.call(q, kc, vc, position, kind, text_len, image_size, conv_kernel, scale);
+}
+
+// at::linear, except for a few fp32 or bf16 rows on an AVX-512 CPU: there linear_small streams the
+// weights once at the memory's rate, where the BLAS/oneDNN GEMV paths cost up to twice as much.
+at::Tensor step_linear(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& b = std::nullopt) {
+  if (x.device().is_cpu() && x.scalar_type() == W.scalar_type() && x.size(0) <= 64 &&
+      linear_small_available(x.scalar_type()))
+    return linear_small(x, W, b);
+  return at::linear(x, W, b);
 }
 
 at::Tensor transformer_decode_step(const at::Tensor& tokens, int64_t index, at::TensorList params,
@@ -78,23 +89,23 @@ at::Tensor transformer_decode_step(const at::Tensor& tokens, int64_t index, at::
     // attention branch: x += to_out(attend(q, caches)), q/k/v from to_qkv(norm(x)); the branch runs in
     // its matrices' dtype (16-bit under DALLE.cast_resblocks_), the residual stream x in its own
     auto h = at::layer_norm(x, {dim}, p[0], p[1], eps).to(p[2].scalar_type());
-    auto qkv = at::linear(h, p[2]).view({B, 3, heads, Dh});
+    auto qkv = step_linear(h, p[2]).view({B, 3, heads, Dh});
     kc.select(2, position).copy_(qkv.select(1, 1));
     vc.select(2, position).copy_(qkv.select(1, 2));
     auto q = qkv.select(1, 0).unsqueeze(2).to(kc.scalar_type());  // (B, heads, 1, Dh)
     auto att = sparse_attention_decode(q, kc, vc, position, kinds[l], text_len, image_size, conv_kernel, scale);
-    x.add_(at::linear(att.view({B, heads * Dh}).to(p[3].scalar_type()), p[3], p[4]));
+    x.add_(step_linear(att.view({B, heads * Dh}).to(p[3].scalar_type()), p[3], p[4]));
     // MLP branch: x += fc2(gelu(fc1(norm(x))))
-    h = at::linear(at::layer_norm(x, {dim}, p[5], p[6], eps).to(p[7].scalar_type()), p[7], p[8]);
+    h = step_linear(at::layer_norm(x, {dim}, p[5], p[6], eps).to(p[7].scalar_type()), p[7], p[8]);
     at::gelu_(h);
-    x.add_(at::linear(h, p[9], p[10]));
+    x.add_(step_linear(h, p[9], p[10]));
   }
 
   // final norm and image head in fp32 (fp64 for a float64 model), as DALLE._logits
   const at::Tensor* p = params.data() + kEmbedParams + kLayerParams * L;
   const auto dt = at::promote_types(x.scalar_type(), at::kFloat);
   auto xf = at::layer_norm(x.to(dt), {dim}, p[0].to(dt), p[1].to(dt), eps);
-  return at::linear(xf, p[2].to(dt), p[3].to(dt));
+  return step_linear(xf, p[2].to(dt), p[3].to(dt));
 }
 
 }  // namespace

@@ -205,3 +205,20 @@ def test_paper_mixed_precision_sampling(dtype):
     with torch.no_grad():
         full = mixed(text, image)[1]
     assert max_abs_err(full[:, :11], ref64) <= low_precision_tolerance(ref64, all16)
+
+
+@pytest.mark.parametrize("dim,heads,dim_head,batch", [(40, 3, 12, 1), (24, 1, 8, 3), (72, 2, 20, 5), (64, 4, 16, 70)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_odd_widths(dim, heads, dim_head, batch, dtype):
+    """Widths that are no multiple of the kernels' vectors (16 floats, 32 bf16) or row blocks (8), and a
+    batch past the small-batch GEMV (70 rows go to at::linear): the fused step equals the module path."""
+    m = model(6, depth=2, text_len=3, image_size=3, dim=dim, heads=heads, dim_head=dim_head, num_image_tokens=37)
+    text, image = inputs(m.config, batch)
+    ref64, _ = run_steps(_as(m, torch.float64), text, image, 6, fused=False)
+    net = _as(m, torch.float32) if dtype == torch.float32 else _as(m, torch.float32).cast_resblocks_(dtype)
+    mod, _ = run_steps(net, text, image, 6, fused=False)
+    got, _ = run_steps(net, text, image, 6, fused=True)
+    if dtype == torch.float32:
+        assert max_abs_err(got, mod) < 1e-5
+    else:
+        assert max_abs_err(got, ref64) <= 2 * max_abs_err(mod, ref64) + 1e-6

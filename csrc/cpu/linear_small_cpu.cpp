@@ -1,0 +1,152 @@
+// Small-batch linear layers (see linear_small_cpu.h). The kernels are compiled for AVX-512 (and
+// avx512_bf16 for the bf16 one) through function target attributes only, and reached only after a
+// run-time CPU check.
+#include "linear_small_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DF_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define DF_AVX512F __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define DF_HAVE_AVX512BF16 1
+#else
+#define DF_HAVE_AVX512BF16 0
+#endif
+
+namespace dalle_fast {
+namespace {
+
+#if DF_HAVE_AVX512BF16
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+constexpr int kRows = 8;  // rows of W in flight: independent accumulators hide the load latency
+
+// y[b, n] for rows n0 <= n < n1 of W, every b: R rows of W at a time, each chunk of 32 bf16 along K
+// loaded once per row of x (the R rows stay in L1 across the batch).
+template <int R>
+DF_AVX512BF16 void rows_kernel(const uint16_t* x, int64_t B, const uint16_t* W, int64_t N, int64_t K,
+                               const float* bias, uint16_t* y, int64_t n) {
+  const int64_t kv = K / 32 * 32;
+  const __mmask32 tail = (__mmask32)((1ull << (K - kv)) - 1);
+  for (int64_t b = 0; b < B; ++b) {
+    const uint16_t* xb = x + b * K;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kv; k += 32) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(W + (n + r) * K + k), xv);
+    }
+    if (kv < K) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, xb + kv);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, W + (n + r) * K + kv), xv);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = _mm512_reduce_add_ps(acc[r]) + (bias != nullptr ? bias[n + r] : 0.0f);
+      y[b * N + n + r] = c10::BFloat16(s).x;  // round to nearest even, as at::linear's bf16 output
+    }
+  }
+}
+
+// fp32: the same loop with FMA over 16 floats.
+template <int R>
+DF_AVX512F void rows_kernel_f32(const float* x, int64_t B, const float* W, int64_t N, int64_t K,
+                                   const float* bias, float* y, int64_t n) {
+  const int64_t kv = K / 16 * 16;
+  const __mmask16 tail = (__mmask16)((1u << (K - kv)) - 1);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = x + b * K;
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kv; k += 16) {
+      const __m512 xv = _mm512_loadu_ps(xb + k);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(W + (n + r) * K + k), xv, acc[r]);
+    }
+    if (kv < K) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, xb + kv);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, W + (n + r) * K + kv), xv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) y[b * N + n + r] = _mm512_reduce_add_ps(acc[r]) + (bias != nullptr ? bias[n + r] : 0.0f);
+  }
+}
+
+DF_AVX512F void linear_kernel_f32(const float* x, int64_t B, const float* W, int64_t N, int64_t K,
+                                     const float* bias, float* y, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) rows_kernel_f32<kRows>(x, B, W, N, K, bias, y, n);
+  for (; n < n1; ++n) rows_kernel_f32<1>(x, B, W, N, K, bias, y, n);
+}
+
+DF_AVX512BF16 void linear_kernel(const uint16_t* x, int64_t B, const uint16_t* W, int64_t N, int64_t K,
+                                 const float* bias, uint16_t* y, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kRows <= n1; n += kRows) rows_kernel<kRows>(x, B, W, N, K, bias, y, n);
+  for (; n < n1; ++n) rows_kernel<1>(x, B, W, N, K, bias, y, n);
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+
+bool linear_small_available(at::ScalarType dtype) {
+#if DF_HAVE_AVX512BF16
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  return dtype == at::kFloat ? avx512 : dtype == at::kBFloat16 ? bf16 : false;
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
+at::Tensor linear_small(const at::Tensor& x_, const at::Tensor& W_, const std::optional<at::Tensor>& bias) {
+  const auto dt = x_.scalar_type();
+  TORCH_CHECK(x_.device().is_cpu() && W_.scalar_type() == dt && (dt == at::kFloat || dt == at::kBFloat16),
+              "linear_small: fp32 or bf16 CPU tensors of one dtype expected, got ", dt, " and ", W_.scalar_type());
+  TORCH_CHECK(x_.dim() == 2 && W_.dim() == 2 && x_.size(1) == W_.size(1), "linear_small: x ", x_.sizes(),
+              " and W ", W_.sizes(), " do not multiply");
+  TORCH_CHECK(linear_small_available(dt), "linear_small: this CPU lacks the AVX-512 units for ", dt);
+  const auto x = x_.contiguous(), W = W_.contiguous();
+  const int64_t B = x.size(0), K = x.size(1), N = W.size(0);
+  auto y = at::empty({B, N}, x.options());
+  if (y.numel() == 0) return y;
+  at::Tensor b32;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "linear_small: bias must be (", N, "), got ", bias->sizes());
+    b32 = bias->to(at::kFloat).contiguous();
+  }
+#if DF_HAVE_AVX512BF16
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  // Split the rows of W between threads only when each gets at least 256 KiB of it: below that the
+  // parallel region costs more than the memory traffic it shares out.
+  const int64_t bytes_per_block = kRows * K * (int64_t)x.element_size();
+  const int64_t grain = std::max<int64_t>(1, ((int64_t)1 << 18) / std::max<int64_t>(1, bytes_per_block));
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  if (dt == at::kFloat) {
+    const float *xp = x.data_ptr<float>(), *Wp = W.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, blocks, grain, [&](int64_t c0, int64_t c1) {
+      linear_kernel_f32(xp, B, Wp, N, K, bp, yp, c0 * kRows, std::min(N, c1 * kRows));
+    });
+  } else {
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    const auto* Wp = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
+    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+    at::parallel_for(0, blocks, grain, [&](int64_t c0, int64_t c1) {
+      linear_kernel(xp, B, Wp, N, K, bp, yp, c0 * kRows, std::min(N, c1 * kRows));
+    });
+  }
+#endif
+  return y;
+}
+
+}  // namespace dalle_fast
