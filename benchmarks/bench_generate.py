@@ -9,7 +9,9 @@ depth 2. Providers (same weights for the first three):
   dalle_fast        the sparse KV cache: each step reads only the keys its layer's mask allows
                     (SparseSelfAttention(position=p) -> dalle_fast.sparse_attention_decode)
   full_kv_cache     the same model with a full-attention KV cache (backend="dense": each step attends
-                    over every cached position with the dense mask)
+                    over every cached position with the dense mask, through the module path)
+  full_attention_fused  the same weights, every layer plain causal attention, through the same fused step
+                    (isolates what reading only the allowed keys saves)
   no_cache          the whole prefix recomputed every step (what a plain loop does)
   dalle_pytorch     dalle-pytorch 1.6.6 generate_images (cond_scale 1: its use_cache is silently ignored,
                     so every step recomputes the prefix)
@@ -148,6 +150,8 @@ def run(config_names, batches, reps, write_csv, threads=2):
         kw = CONFIGS[cname]
         model, dense = ours(kw, "fused"), ours(kw, "dense")
         dense.load_state_dict(model.state_dict())
+        full = ours(dict(kw, attention_kinds=["full"] * kw["depth"]), "fused")
+        full.load_state_dict(model.state_dict())
         mixed = ours(kw, "fused")
         mixed.load_state_dict(model.state_dict())
         mixed.cast_resblocks_(torch.bfloat16)
@@ -172,6 +176,8 @@ def run(config_names, batches, reps, write_csv, threads=2):
             timings["dalle_fast_bf16"] = (measure(lambda: sample_tokens(mixed, text), warmup=1, reps=reps), M,
                                           "bf16 residual branches, fp32 heads (cast_resblocks_)")
             timings["full_kv_cache"] = (measure(lambda: sample_tokens(dense, text), warmup=1, reps=reps), M, "")
+            timings["full_attention_fused"] = (measure(lambda: sample_tokens(full, text), warmup=1, reps=reps), M,
+                                               "the fused step with every layer full (causal) attention")
             ours_steps, peer_steps = uncached_step_fns(model, m_peer, text, text_peer, positions)
             timings["no_cache"] = (measure(ours_steps, warmup=1, reps=max(1, reps // 2)), n_pos,
                                    f"est from {n_pos} steps")
