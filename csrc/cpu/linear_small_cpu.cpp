@@ -27,69 +27,59 @@ namespace {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 constexpr int kRows = 8;  // rows of W in flight: independent accumulators hide the load latency
 
-// y[b, n] for rows n0 <= n < n1 of W, every b: R rows of W at a time, each chunk of 32 bf16 along K
-// loaded once per row of x (the R rows stay in L1 across the batch).
-template <int R>
-DF_AVX512BF16 void rows_kernel(const uint16_t* x, int64_t B, const uint16_t* W, int64_t N, int64_t K,
-                               const float* bias, uint16_t* y, int64_t n) {
-  const int64_t kv = K / 32 * 32;
-  const __mmask32 tail = (__mmask32)((1ull << (K - kv)) - 1);
+// The two element types: a vector of kStep elements along K, its multiply-accumulate into 16 fp32
+// lanes, and the rounding of a finished fp32 sum to the output type.
+struct F32 {
+  using T = float;
+  using Vec = __m512;
+  static constexpr int kStep = 16;
+  DF_AVX512F static Vec load(const T* p) { return _mm512_loadu_ps(p); }
+  DF_AVX512F static Vec load_tail(int64_t n, const T* p) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  DF_AVX512F static __m512 mac(__m512 acc, Vec w, Vec x) { return _mm512_fmadd_ps(w, x, acc); }
+  static T out(float s) { return s; }
+};
+struct BF16 {
+  using T = uint16_t;  // bf16 bits
+  using Vec = __m512bh;
+  static constexpr int kStep = 32;
+  DF_AVX512BF16 static Vec load(const T* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  DF_AVX512BF16 static Vec load_tail(int64_t n, const T* p) {
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), p);
+  }
+  DF_AVX512BF16 static __m512 mac(__m512 acc, Vec w, Vec x) { return _mm512_dpbf16_ps(acc, w, x); }
+  static T out(float s) { return c10::BFloat16(s).x; }  // round to nearest even, as at::linear's bf16 output
+};
+
+// y[b, n .. n+R) for every b: R rows of W at a time, each chunk along K loaded once per row of x (the
+// R rows stay in L1 across the batch). Compiled with avx512_bf16 enabled for both types; the fp32
+// instantiation uses only AVX-512F instructions and is reached on CPUs that have those.
+template <class E, int R>
+DF_AVX512BF16 void rows_kernel(const typename E::T* x, int64_t B, const typename E::T* W, int64_t N, int64_t K,
+                               const float* bias, typename E::T* y, int64_t n) {
+  const int64_t kv = K / E::kStep * E::kStep;
   for (int64_t b = 0; b < B; ++b) {
-    const uint16_t* xb = x + b * K;
+    const typename E::T* xb = x + b * K;
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < kv; k += 32) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + k);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(W + (n + r) * K + k), xv);
+    for (int64_t k = 0; k < kv; k += E::kStep) {
+      const auto xv = E::load(xb + k);
+      for (int r = 0; r < R; ++r) acc[r] = E::mac(acc[r], E::load(W + (n + r) * K + k), xv);
     }
     if (kv < K) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, xb + kv);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, W + (n + r) * K + kv), xv);
+      const auto xv = E::load_tail(K - kv, xb + kv);
+      for (int r = 0; r < R; ++r) acc[r] = E::mac(acc[r], E::load_tail(K - kv, W + (n + r) * K + kv), xv);
     }
-    for (int r = 0; r < R; ++r) {
-      const float s = _mm512_reduce_add_ps(acc[r]) + (bias != nullptr ? bias[n + r] : 0.0f);
-      y[b * N + n + r] = c10::BFloat16(s).x;  // round to nearest even, as at::linear's bf16 output
-    }
+    for (int r = 0; r < R; ++r)
+      y[b * N + n + r] = E::out(_mm512_reduce_add_ps(acc[r]) + (bias != nullptr ? bias[n + r] : 0.0f));
   }
 }
 
-// fp32: the same loop with FMA over 16 floats.
-template <int R>
-DF_AVX512F void rows_kernel_f32(const float* x, int64_t B, const float* W, int64_t N, int64_t K,
-                                   const float* bias, float* y, int64_t n) {
-  const int64_t kv = K / 16 * 16;
-  const __mmask16 tail = (__mmask16)((1u << (K - kv)) - 1);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * K;
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < kv; k += 16) {
-      const __m512 xv = _mm512_loadu_ps(xb + k);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(W + (n + r) * K + k), xv, acc[r]);
-    }
-    if (kv < K) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, xb + kv);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, W + (n + r) * K + kv), xv, acc[r]);
-    }
-    for (int r = 0; r < R; ++r) y[b * N + n + r] = _mm512_reduce_add_ps(acc[r]) + (bias != nullptr ? bias[n + r] : 0.0f);
-  }
-}
-
-DF_AVX512F void linear_kernel_f32(const float* x, int64_t B, const float* W, int64_t N, int64_t K,
-                                     const float* bias, float* y, int64_t n0, int64_t n1) {
+template <class E>
+DF_AVX512BF16 void linear_kernel(const typename E::T* x, int64_t B, const typename E::T* W, int64_t N, int64_t K,
+                                 const float* bias, typename E::T* y, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) rows_kernel_f32<kRows>(x, B, W, N, K, bias, y, n);
-  for (; n < n1; ++n) rows_kernel_f32<1>(x, B, W, N, K, bias, y, n);
-}
-
-DF_AVX512BF16 void linear_kernel(const uint16_t* x, int64_t B, const uint16_t* W, int64_t N, int64_t K,
-                                 const float* bias, uint16_t* y, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + kRows <= n1; n += kRows) rows_kernel<kRows>(x, B, W, N, K, bias, y, n);
-  for (; n < n1; ++n) rows_kernel<1>(x, B, W, N, K, bias, y, n);
+  for (; n + kRows <= n1; n += kRows) rows_kernel<E, kRows>(x, B, W, N, K, bias, y, n);
+  for (; n < n1; ++n) rows_kernel<E, 1>(x, B, W, N, K, bias, y, n);
 }
 #pragma GCC diagnostic pop
 #endif
@@ -135,14 +125,14 @@ at::Tensor linear_small(const at::Tensor& x_, const at::Tensor& W_, const std::o
     const float *xp = x.data_ptr<float>(), *Wp = W.data_ptr<float>();
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, blocks, grain, [&](int64_t c0, int64_t c1) {
-      linear_kernel_f32(xp, B, Wp, N, K, bp, yp, c0 * kRows, std::min(N, c1 * kRows));
+      linear_kernel<F32>(xp, B, Wp, N, K, bp, yp, c0 * kRows, std::min(N, c1 * kRows));
     });
   } else {
     const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     const auto* Wp = reinterpret_cast<const uint16_t*>(W.data_ptr<at::BFloat16>());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
     at::parallel_for(0, blocks, grain, [&](int64_t c0, int64_t c1) {
-      linear_kernel(xp, B, Wp, N, K, bp, yp, c0 * kRows, std::min(N, c1 * kRows));
+      linear_kernel<BF16>(xp, B, Wp, N, K, bp, yp, c0 * kRows, std::min(N, c1 * kRows));
     });
   }
 #endif
