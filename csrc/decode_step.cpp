@@ -6,9 +6,11 @@
 // is its reference and is tested against it) from C++: the image token's embedding, every layer's
 // pre-norm attention branch (qkv projection, k/v written into the caches at the position, the
 // layer's sparse_attention_decode through the dispatcher, so each device runs its own kernel) and
-// MLP branch, the final norm and the fp32 image head. Composed of ATen ops and our decode op, it is
-// registered once for every backend (CompositeExplicitAutograd); it is inference only and refuses
-// inputs that require grad.
+// MLP branch, the final norm and the fp32 image head. Composed of ATen ops, our decode op and, for a
+// few rows on an AVX-512 CPU, our small-batch GEMV (cpu/linear_small_cpu.cpp), it is registered once
+// for every backend (CompositeExplicitAutograd); it is inference only and refuses inputs that
+// require grad. The branches run in their matrices' dtype, the residual stream in its own, so the
+// paper's mixed precision (DALLE.cast_resblocks_) works unchanged.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
