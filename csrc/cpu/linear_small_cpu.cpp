@@ -3,6 +3,8 @@
 // run-time CPU check.
 #include "linear_small_cpu.h"
 
+#include "cpu_isa.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -34,7 +36,9 @@ struct F32 {
   using Vec = __m512;
   static constexpr int kStep = 16;
   DF_AVX512F static Vec load(const T* p) { return _mm512_loadu_ps(p); }
-  DF_AVX512F static Vec load_tail(int64_t n, const T* p) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+  DF_AVX512F static Vec load_tail(int64_t n, const T* p) {
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+  }
   DF_AVX512F static __m512 mac(__m512 acc, Vec w, Vec x) { return _mm512_fmadd_ps(w, x, acc); }
   static T out(float s) { return s; }
 };
@@ -88,10 +92,7 @@ DF_AVX512BF16 void linear_kernel(const typename E::T* x, int64_t B, const typena
 
 bool linear_small_available(at::ScalarType dtype) {
 #if DF_HAVE_AVX512BF16
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  static const bool bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
-  return dtype == at::kFloat ? avx512 : dtype == at::kBFloat16 ? bf16 : false;
+  return dtype == at::kFloat ? cpu_isa() == CpuIsa::kAvx512 : dtype == at::kBFloat16 && cpu_has_avx512_bf16();
 #else
   (void)dtype;
   return false;

@@ -10,6 +10,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu_isa.h"
 #include "logit_laplace_common.h"
 
 // The portable build of the kernels: at::vec at the baseline ISA of this translation unit.
@@ -24,32 +25,18 @@ namespace dalle_fast {
 namespace logit_laplace {
 namespace {
 
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-Isa cpu_isa() {
-  static const Isa isa = [] {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-    if (cap == "AVX512") return Isa::kAvx512;
-    if (cap == "AVX2") return Isa::kAvx2;
-#endif
-    return Isa::kDefault;
-  }();
-  return isa;
-}
-
 void run_forward(const CpuArgs& args) {
   switch (cpu_isa()) {
-    case Isa::kAvx512: return cpu_avx512::forward(args);
-    case Isa::kAvx2: return cpu_avx2::forward(args);
+    case CpuIsa::kAvx512: return cpu_avx512::forward(args);
+    case CpuIsa::kAvx2: return cpu_avx2::forward(args);
     default: return cpu_default::forward(args);
   }
 }
 
 void run_backward(const CpuArgs& args) {
   switch (cpu_isa()) {
-    case Isa::kAvx512: return cpu_avx512::backward(args);
-    case Isa::kAvx2: return cpu_avx2::backward(args);
+    case CpuIsa::kAvx512: return cpu_avx512::backward(args);
+    case CpuIsa::kAvx2: return cpu_avx2::backward(args);
     default: return cpu_default::backward(args);
   }
 }

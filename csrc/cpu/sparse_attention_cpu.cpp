@@ -25,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "dalle_fast/attention_mask.h"
 #include "sparse_attention_cpu_math.h"
 #include "sparse_attention_cpu_bf16.h"
@@ -248,9 +249,7 @@ bool bf16_gemm_available() {
     const char* e = std::getenv("DALLE_FAST_SPARSE_BF16_GEMM");
     if (e != nullptr && std::string_view(e) == "0") return false;
 #if DF_HAVE_AVX512_PACK
-    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq"))
-      return false;
+    if (cpu_isa() != CpuIsa::kAvx512) return false;
     constexpr int M = 3, N = 5, K = 6;
     at::BFloat16 a[M * K], b[K * N];
     float c[M * N], want[M * N] = {};

@@ -98,7 +98,8 @@ class SparseSelfAttention(nn.Module):
 
     def _qkv(self, x):
         B, n, _ = x.shape
-        qkv = self.to_qkv(x.to(self.to_qkv.weight.dtype)).view(B, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        qkv = self.to_qkv(x.to(self.to_qkv.weight.dtype))  # the branch's dtype (DALLE.cast_resblocks_)
+        qkv = qkv.view(B, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]  # (B, heads, n, dim_head) each, views of one buffer
 
     def _merge(self, out):
