@@ -135,7 +135,7 @@ def train_dalle(args):
 
     torch.manual_seed(args.seed)
     device = common.choose_device(args.device)
-    precision = common.choose_precision(device, args.precision)
+    precision = common.choose_precision(device, args.precision, allow_cpu_fp16=True)
     vae = DiscreteVAE.from_pretrained(args.vae, device=device).eval().requires_grad_(False)
     tokenizer = BPETokenizer.from_file(args.tokenizer, dropout=args.bpe_dropout)
     cfg = build_config(args.preset, tokenizer, vae, dim=args.dim, depth=args.depth, heads=args.heads,
@@ -154,11 +154,11 @@ def train_dalle(args):
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.96), eps=1e-8)
     sched = LRSchedule(args.lr, args.warmup, args.steps, args.schedule, patience=args.patience)
     ema = common.EMA(model, decay=args.ema_decay) if args.ema_decay > 0 else None
-    scaler = common.grad_scaler(device, precision)
+    scaler = common.grad_scaler(device, precision, model)  # fp16: per-resblock scales (dalle_fast.amp)
     step = 0
     latest = common.ckpt.latest_checkpoint(args.run) if args.resume else None
     if latest:
-        meta = common.load_training_state(latest, model, ema, opt, device)
+        meta = common.load_training_state(latest, model, ema, opt, device, scaler=scaler)
         step, sched.state = meta["step"], meta["schedule"]
         args.steps = sched.total = meta.get("total_steps", args.steps)
         batches.load_state(meta["data"])
@@ -184,8 +184,7 @@ def train_dalle(args):
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             norm, finite = common.clip_gradients(model.parameters(), args.clip)
-            if finite:
-                scaler.step(opt)
+            if finite and scaler.step(opt) is not True:  # a ResblockGradScaler returns True when it skipped
                 sched.observe(loss.item())
             else:
                 skipped += 1
@@ -207,7 +206,7 @@ def train_dalle(args):
                 common.save_training_state(args.run, step, model, ema, opt,
                                            {"config": cfg.to_dict(), "schedule": sched.state,
                                             "data": batches.state(), "total_steps": args.steps},
-                                           keep=args.keep_checkpoints)
+                                           keep=args.keep_checkpoints, scaler=scaler)
             if args.sample_every and sample_caps and (step % args.sample_every == 0 or step == args.steps):
                 _sample_grid(model, vae, tokenizer, sample_caps, os.path.join(args.run, "samples",
                                                                               f"step-{step:08d}.png"), image_grid)
