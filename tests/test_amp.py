@@ -306,3 +306,45 @@ def test_hooks_remove_and_no_grad_forward_unchanged():
     hooks.remove()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     model.enable_resblock_scaling(ResblockGradScaler(4))  # free again
+
+
+# ---- train-dalle --precision fp16 ----
+
+def test_train_dalle_fp16_uses_the_scaler_and_resumes_exactly(tmp_path, monkeypatch):
+    """train-dalle --precision fp16: per-resblock scales (saved in the checkpoint as scaler.safetensors)
+    and a run stopped after its step-4 checkpoint resumes to the weights and scales of an uninterrupted run."""
+    from test_dalle import _train_args
+    from dalle_fast.checkpoint import load_checkpoint
+    from dalle_fast.data.shapes import Shapes
+    from dalle_fast.models.dvae import DiscreteVAE, DVAEConfig
+    from dalle_fast.tokenizer import BPETokenizer
+    from dalle_fast.train import common
+    from dalle_fast.train.dalle import train_dalle
+    torch.manual_seed(0)
+    DiscreteVAE(DVAEConfig.tiny()).save_pretrained(tmp_path / "vae")
+    BPETokenizer.train(list(Shapes(200).captions()), vocab_size=100).save(tmp_path / "tok.json")
+    kw = dict(precision="fp16", steps=6, ckpt_every=3, ema_decay=0.0)
+    train_dalle(_train_args(tmp_path, run=str(tmp_path / "a"), **kw))
+    groups, _ = load_checkpoint(common.ckpt.latest_checkpoint(str(tmp_path / "a")))
+    scales = groups["scaler"]["scales"]
+    assert scales.shape == (4,) and int(groups["scaler"]["updates"]) == 6
+    assert bool((scales != 2.0 ** 13).all())  # every scale moved by the rule (grown, or divided on an overflow)
+
+    real_update, calls = common.Progress.update, {"n": 0}
+
+    def interrupt(self, n=1, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_update(self, n, **k)
+
+    monkeypatch.setattr(common.Progress, "update", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_dalle(_train_args(tmp_path, run=str(tmp_path / "b"), **kw))
+    monkeypatch.setattr(common.Progress, "update", real_update)
+    train_dalle(_train_args(tmp_path, run=str(tmp_path / "b"), resume=True, **kw))
+    a, _ = load_checkpoint(common.ckpt.latest_checkpoint(str(tmp_path / "a")))
+    b, _ = load_checkpoint(common.ckpt.latest_checkpoint(str(tmp_path / "b")))
+    for group in ("model", "scaler"):
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), (group, k)
