@@ -24,9 +24,6 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-#define DF_RESBLOCK_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 at::Tensor grad_scale_cpu(const at::Tensor& grad, const at::Tensor& scales, at::Tensor& nonfinite, int64_t block,
                           bool unscale, at::ScalarType dtype) {
   check_grad_scale(grad, scales, nonfinite, block, dtype);
@@ -40,8 +37,7 @@ at::Tensor grad_scale_cpu(const at::Tensor& grad, const at::Tensor& scales, at::
     using in_t = scalar_t;
     DF_RESBLOCK_TYPES(dtype, "resblock_grad_scale_cpu_out", [&] {
       using out_t = scalar_t;
-      using acc = acc_t<std::conditional_t<std::is_same_v<in_t, double> || std::is_same_v<out_t, double>, double,
-                                           float>>;
+      using acc = pair_acc_t<in_t, out_t>;
       const in_t* gp = g.const_data_ptr<in_t>();
       out_t* op = out.mutable_data_ptr<out_t>();
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {

@@ -30,9 +30,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kChunk = 1 << 16;  // elements per chunk of the multi-tensor table
 constexpr int kMaxBlocks = 4096;
 
-#define DF_RESBLOCK_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 template <typename in_t, typename out_t, typename acc>
 __global__ void __launch_bounds__(kThreads)
 grad_scale_kernel(const in_t* __restrict__ g, out_t* __restrict__ out, int64_t n, const float* __restrict__ scales,
@@ -58,8 +55,7 @@ at::Tensor grad_scale_cuda(const at::Tensor& grad, const at::Tensor& scales, at:
     using in_t = scalar_t;
     DF_RESBLOCK_TYPES(dtype, "resblock_grad_scale_cuda_out", [&] {
       using out_t = scalar_t;
-      using acc = acc_t<std::conditional_t<std::is_same_v<in_t, double> || std::is_same_v<out_t, double>, double,
-                                           float>>;
+      using acc = pair_acc_t<in_t, out_t>;
       grad_scale_kernel<in_t, out_t, acc><<<blocks, kThreads, 0, stream>>>(
           g.const_data_ptr<in_t>(), out.mutable_data_ptr<out_t>(), n, scales.const_data_ptr<float>(),
           nonfinite.mutable_data_ptr<bool>(), block, unscale);

@@ -93,3 +93,34 @@ def _(grads, blocks, scales, nonfinite):
     torch._check(nonfinite.dtype == torch.bool and nonfinite.shape == scales.shape,
                  lambda: "resblock_unscale_grads_: nonfinite must be bool with one flag per block")
     return None
+
+
+def selftest(device):
+    """Rows (op, case, dtype, max_err, bar): both kernels against the reference, which does the same
+    correctly rounded arithmetic, so the bar is 0 (bit-equal); a wrong flag counts as an error of 1."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.tensor([2.0 ** 13, 3000.0, 2.0 ** 20], device=device)
+    for dtype in _FLOATS:
+        grad = (torch.randn(3, 203, generator=gen) * 1e-2).to(dtype).to(device)
+        grad[1, 7] = float("inf")
+        for unscale, out_dtype in ((False, torch.float16), (True, torch.float32), (False, dtype)):
+            flags, flags_r = (torch.zeros(3, dtype=torch.bool, device=device) for _ in range(2))
+            got = resblock_grad_scale(grad, scales, flags, 1, unscale, out_dtype)
+            want = ref.resblock_grad_scale(grad, scales, flags_r, 1, unscale, out_dtype)
+            err = (got.double() - want.double()).abs().max().item() + float(not torch.equal(flags, flags_r))
+            rows.append(("resblock_grad_scale", f"{'unscale' if unscale else 'scale'} -> {out_dtype}".replace(
+                "torch.", ""), dtype, err, 0.0))
+    grads = [(torch.randn(s, generator=gen) * 1e4).to(dt).to(device)
+             for s, dt in (((113,), torch.float16), ((7, 33), torch.float32), ((5,), torch.bfloat16),
+                           ((300001,), torch.float32))]
+    grads[3][-1] = float("nan")
+    blocks = [0, 1, 2, 1]
+    want = [g.clone() for g in grads]
+    flags, flags_r = (torch.zeros(3, dtype=torch.bool, device=device) for _ in range(2))
+    resblock_unscale_grads_(grads, blocks, scales, flags)
+    ref.resblock_unscale_grads_(want, blocks, scales, flags_r)
+    err = max((a.double() - b.double()).nan_to_num(0.0).abs().max().item() for a, b in zip(grads, want))
+    rows.append(("resblock_unscale_grads_", "4 tensors, mixed dtypes", "mixed",
+                 err + float(not torch.equal(flags, flags_r)), 0.0))
+    return rows

@@ -7,6 +7,8 @@
 //   the block is flagged non-finite when the rounded value was not finite.
 // Division (not a multiply by 1/s) so unscaling is exact whenever s is a power of two.
 #pragma once
+#include <type_traits>
+
 #include "dalle_fast/common.h"
 
 #if !defined(__CUDA_ARCH__)
@@ -15,6 +17,11 @@
 
 namespace dalle_fast {
 namespace resblock {
+
+// The arithmetic type of a gradient of in_t rounded to out_t: fp64 if either is fp64, else fp32.
+template <typename in_t, typename out_t>
+using pair_acc_t =
+    std::conditional_t<std::is_same_v<in_t, double> || std::is_same_v<out_t, double>, double, float>;
 
 template <typename acc>
 DF_HOST_DEVICE bool is_finite(acc v) {

@@ -2,8 +2,13 @@
 // kernels (ATen only, no CUDA). Every message names the argument and what was expected.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <cstdint>
+
+// The dtypes both kernels take (gradients and outputs).
+#define DF_RESBLOCK_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 namespace dalle_fast {
 namespace resblock {
