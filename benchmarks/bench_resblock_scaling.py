@@ -226,10 +226,11 @@ def kernels(args):
             flags[b] |= ~torch.isfinite(g).all()
 
     shape = f"DALLE shapes config, {len(grads)} tensors, {n} elements"
-    base = measure(loop, reps=20)
-    for name, fn in (("per-tensor python loop", loop), ("torch foreach unscale (one scale)", torch_one_scale),
-                     ("dalle_fast resblock_unscale_grads_", ours)):
-        t = measure(fn, reps=20)
+    times = {name: measure(fn, reps=20) for name, fn in (
+        ("per-tensor python loop", loop), ("torch foreach unscale (one scale)", torch_one_scale),
+        ("dalle_fast resblock_unscale_grads_", ours))}
+    base = times["per-tensor python loop"]
+    for name, t in times.items():
         rec.add(op="unscale_grads", provider=name, mode="in-place", shape=shape, dtype="fp32", device="cpu",
                 bytes=8 * n, gbps=8 * n / (t["median_ms"] * 1e-3) / 1e9, ratio=base["median_ms"] / t["median_ms"], **t)
     g = torch.randn(8, 1280, 512)
@@ -240,11 +241,11 @@ def kernels(args):
         flags[3] |= ~fin.all()
         return torch.where(fin, v, torch.zeros((), dtype=v.dtype))
 
-    base = measure(eager, reps=20)
-    for name, fn in (("eager composite", eager),
-                     ("dalle_fast resblock_grad_scale", lambda: resblock_grad_scale(g, scales, flags, 3, False,
-                                                                                     torch.float16))):
-        t = measure(fn, reps=20)
+    times = {name: measure(fn, reps=20) for name, fn in (
+        ("eager composite", eager),
+        ("dalle_fast resblock_grad_scale", lambda: resblock_grad_scale(g, scales, flags, 3, False, torch.float16)))}
+    base = times["eager composite"]
+    for name, t in times.items():
         rec.add(op="grad_scale", provider=name, mode="fwd", shape="(8, 1280, 512) fp32 -> fp16", dtype="fp32",
                 device="cpu", bytes=6 * g.numel(), gbps=6 * g.numel() / (t["median_ms"] * 1e-3) / 1e9,
                 ratio=base["median_ms"] / t["median_ms"], **t)

@@ -37,7 +37,7 @@ grad_scale_kernel(const in_t* __restrict__ g, out_t* __restrict__ out, int64_t n
   const acc s = static_cast<acc>(scales[block]);
   bool bad = false;
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads)
-    out[i] = scale_filter<out_t, acc>(static_cast<acc>(g[i]), s, unscale, &bad);
+    out[i] = scale_filter<out_t, acc>(static_cast<acc>(g[i]), s, unscale, bad);
   if (__syncthreads_or(bad) && threadIdx.x == 0) flags[block] = true;
 }
 
@@ -78,7 +78,7 @@ template <typename T>
 __device__ __forceinline__ bool unscale_span(T* p, int64_t begin, int64_t end, float s) {
   using acc = acc_t<T>;
   bool bad = false;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) p[i] = unscale_in_place<T, acc>(p[i], acc(s), &bad);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) p[i] = unscale_in_place<T, acc>(p[i], acc(s), bad);
   return bad;
 }
 

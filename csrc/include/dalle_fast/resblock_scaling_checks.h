@@ -17,7 +17,8 @@ inline bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// scales: 1-D float32 on `device` (the scaler keeps its scales in fp32); nonfinite: bool of the same length on `device`.
+// scales: 1-D float32 on `device` (the scaler keeps its scales in fp32); nonfinite: bool of the same
+// length on `device`.
 inline void check_scales_flags(const at::Tensor& scales, const at::Tensor& nonfinite, const at::Device& device,
                                const char* op) {
   TORCH_CHECK_TYPE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ", scales.scalar_type());
@@ -28,7 +29,8 @@ inline void check_scales_flags(const at::Tensor& scales, const at::Tensor& nonfi
   TORCH_CHECK_VALUE(nonfinite.dim() == 1 && nonfinite.numel() == scales.numel(), op,
                     ": nonfinite must be 1-D with one flag per block (", scales.numel(), "), got shape ",
                     nonfinite.sizes());
-  TORCH_CHECK_VALUE(scales.is_contiguous() && nonfinite.is_contiguous(), op, ": scales and nonfinite must be contiguous");
+  TORCH_CHECK_VALUE(scales.is_contiguous() && nonfinite.is_contiguous(), op,
+                    ": scales and nonfinite must be contiguous");
   TORCH_CHECK_VALUE(scales.device() == device && nonfinite.device() == device, op,
                     ": scales and nonfinite must be on the gradients' device ", device, ", got ", scales.device(),
                     " and ", nonfinite.device());
