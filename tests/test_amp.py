@@ -241,6 +241,23 @@ def test_user_loop_in_torch_gradscaler_style():
     assert sc.updates == 1 and sc.scales[0].item() > 2 ** 13
 
 
+def test_gpu_path_under_fake_cuda_tensors():
+    """The CUDA path's Python side (scaled forward, one-call unscale, update) on FakeTensorMode 'cuda'
+    tensors (autograd's engine itself needs a real device, so the gradients are set by hand)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(), torch.device("cuda"):
+        sc = ResblockGradScaler(4, device="cuda")
+        model = Residual(scaler=sc)
+        loss = model(torch.randn(5, 3, device="cuda"))
+        assert loss.device.type == "cuda" and loss.requires_grad
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        nonfinite = sc.unscale_(model)
+        sc.update(nonfinite)
+        assert nonfinite.shape == (4,) and nonfinite.dtype == torch.bool and nonfinite.device.type == "cuda"
+        assert sc.scales.device.type == "cuda" and sc.updates == 1
+
+
 # ---- checkpoints ----
 
 def test_state_dict_round_trip_through_safetensors(tmp_path):
