@@ -41,7 +41,7 @@ at::Tensor grad_scale_cpu(const at::Tensor& grad, const at::Tensor& scales, at::
       const in_t* gp = g.const_data_ptr<in_t>();
       out_t* op = out.mutable_data_ptr<out_t>();
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-        bool bad = false;
+        unsigned bad = 0;
         for (int64_t i = b; i < e; ++i)
           op[i] = scale_filter<out_t, acc>(static_cast<acc>(gp[i]), static_cast<acc>(s), unscale, bad);
         if (bad) any_bad.store(true, std::memory_order_relaxed);
@@ -66,7 +66,7 @@ void unscale_grads_cpu(at::TensorList grads, at::IntArrayRef blocks, const at::T
       scalar_t* p = const_cast<at::Tensor&>(g).mutable_data_ptr<scalar_t>();
       const acc s = static_cast<acc>(sp[blocks[t]]);
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-        bool bad = false;
+        unsigned bad = 0;
         for (int64_t i = b; i < e; ++i) p[i] = unscale_in_place<scalar_t, acc>(p[i], s, bad);
         if (bad) any_bad.store(true, std::memory_order_relaxed);
       });

@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(kThreads)
 grad_scale_kernel(const in_t* __restrict__ g, out_t* __restrict__ out, int64_t n, const float* __restrict__ scales,
                   bool* __restrict__ flags, int64_t block, bool unscale) {
   const acc s = static_cast<acc>(scales[block]);
-  bool bad = false;
+  unsigned bad = 0;
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads)
     out[i] = scale_filter<out_t, acc>(static_cast<acc>(g[i]), s, unscale, bad);
   if (__syncthreads_or(bad) && threadIdx.x == 0) flags[block] = true;
@@ -77,7 +77,7 @@ struct Table {
 template <typename T>
 __device__ __forceinline__ bool unscale_span(T* p, int64_t begin, int64_t end, float s) {
   using acc = acc_t<T>;
-  bool bad = false;
+  unsigned bad = 0;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) p[i] = unscale_in_place<T, acc>(p[i], acc(s), bad);
   return bad;
 }

@@ -45,22 +45,23 @@ DF_HOST_DEVICE float div_rn(float a, float b) {
 }
 DF_HOST_DEVICE double div_rn(double a, double b) { return a / b; }
 
-// Rounds v to out_t and filters it; `bad` becomes true when the rounded value is NaN or infinite.
+// Rounds v to out_t and filters it; `bad` becomes nonzero when the rounded value is NaN or infinite.
+// (`bad` is an unsigned OR-accumulator: g++ vectorises that reduction, not one over a bool.)
 template <typename out_t, typename acc>
-DF_HOST_DEVICE out_t scale_filter(acc g, acc s, bool unscale, bool& bad) {
+DF_HOST_DEVICE out_t scale_filter(acc g, acc s, bool unscale, unsigned& bad) {
   const acc v = unscale ? div_rn(g, s) : g * s;
   const out_t r = static_cast<out_t>(v);
   const bool finite = is_finite(static_cast<acc>(r));
-  bad |= !finite;
+  bad |= static_cast<unsigned>(!finite);
   return finite ? r : static_cast<out_t>(0);
 }
 
 // In-place unscale of one parameter-gradient element: g / s rounded to g's type. The value is kept
 // even when non-finite (the step is skipped then and the gradient is not used).
 template <typename T, typename acc>
-DF_HOST_DEVICE T unscale_in_place(T g, acc s, bool& bad) {
+DF_HOST_DEVICE T unscale_in_place(T g, acc s, unsigned& bad) {
   const T r = static_cast<T>(div_rn(static_cast<acc>(g), s));
-  bad |= !is_finite(static_cast<acc>(r));
+  bad |= static_cast<unsigned>(!is_finite(static_cast<acc>(r)));
   return r;
 }
 
