@@ -157,3 +157,9 @@ def test_property_any_input_is_handled(n, block, unscale, dtype, special):
     out = resblock_grad_scale(grad, scales, flags, block, unscale, torch.float16)
     assert bool(torch.isfinite(out).all())
     assert flags.sum().item() <= 1
+
+
+def test_selftest_rows_pass():
+    from dalle_fast.ops.resblock_scaling import selftest
+    rows = selftest("cpu")
+    assert len(rows) == 13 and all(err <= bar for *_, err, bar in rows), rows
