@@ -315,7 +315,7 @@ struct Levels {
   template <typename T, bool kStep>
   static void run(Select<acc>& sel, StepIn<T>& step, const T* x, dim3 grid, int64_t B, cudaStream_t stream) {
     if constexpr (kLevel < num_levels<acc>()) {
-      if (kStep && kLevel == 0) hist_kernel<T, kLevel, true><<<grid, kThreads, 0, stream>>>(sel, step, x);
+      if constexpr (kStep && kLevel == 0) hist_kernel<T, kLevel, true><<<grid, kThreads, 0, stream>>>(sel, step, x);
       else hist_kernel<T, kLevel, false><<<grid, kThreads, 0, stream>>>(sel, step, x);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       scan_kernel<acc, kLevel><<<B, kScanThreads, 0, stream>>>(sel);
