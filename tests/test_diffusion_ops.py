@@ -252,6 +252,19 @@ def test_step_per_sample_schedule_and_no_guidance(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param", ["eps", "v", "x0"])
+def test_ddim_eta_one_is_the_ddpm_posterior(device, param):
+    """Two derivations, one distribution: DDIM with eta = 1 is the DDPM posterior (same mean, same
+    sigma, same noise for one seed), for any pair of steps."""
+    cond, uncond, x_t = mod.sample_inputs((2, 3, 9, 10), device, torch.float64)
+    for a, p in ((0.3, 0.45), (0.05, 0.9), (0.7, 1.0)):
+        kw = dict(guidance=3.0, parameterization=param, seed=21, offset=4)
+        ddpm = dalle_fast.guided_step(cond, uncond, x_t, a, p, sampler="ddpm", **kw)
+        ddim = dalle_fast.guided_step(cond, uncond, x_t, a, p, sampler="ddim", eta=1.0, **kw)
+        torch.testing.assert_close(ddim, ddpm, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", testing.FLOAT_DTYPES)
 @pytest.mark.parametrize("case", STEP_CASES[:4])
 def test_step_low_precision_within_pytorch_error(device, dtype, case):

@@ -26,13 +26,21 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "dalle_fast/diffusion.h"
 #include "dalle_fast/diffusion_checks.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DF_HAVE_AVX2_PHILOX 1
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define DF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define DF_INLINE inline __attribute__((always_inline))
 #else
 #define DF_ISA_CLONES
+#define DF_INLINE inline
 #endif
 
 namespace dalle_fast {
@@ -208,11 +216,27 @@ DF_ISA_CLONES void x0_estimate(const T* cond, const T* uncond, const T* xt, acc_
   }
 }
 
-// The 64 standard normals of noise block `block`, in element order (round-major Philox as in
-// gumbel_softmax_cpu.cpp's noise_block, then Box-Muller on the word pairs).
+// Box-Muller on the 16 Philox outputs of a noise block: the 64 normals in element order.
+DF_INLINE void box_muller_block(const uint32_t* x0, const uint32_t* x1, const uint32_t* x2, const uint32_t* x3,
+                                float* out) {
+  alignas(64) float r0[16], r1[16];
+  for (int j = 0; j < 16; ++j) {
+    r0[j] = box_muller_radius(x0[j]);
+    r1[j] = box_muller_radius(x2[j]);
+  }
+  for (int j = 0; j < 16; ++j) {
+    float c0, s0, c1, s1;
+    sincos_2pi(uniform_open(x1[j]), &c0, &s0);
+    sincos_2pi(uniform_open(x3[j]), &c1, &s1);
+    out[j] = r0[j] * c0, out[16 + j] = r0[j] * s0, out[32 + j] = r1[j] * c1, out[48 + j] = r1[j] * s1;
+  }
+}
+
+// The 64 standard normals of noise block `block`, in element order: 16 Philox calls round-major (as
+// gumbel_softmax_cpu.cpp's noise_block), then Box-Muller on the word pairs. Portable version.
 template <typename acc>
-DF_ISA_CLONES void normal_block(PhiloxKey key, uint32_t offset, uint64_t block, acc* out) {
-  uint32_t x0[16], x1[16], x2[16], x3[16];
+void normal_block(PhiloxKey key, uint32_t offset, uint64_t block, acc* out) {
+  alignas(64) uint32_t x0[16], x1[16], x2[16], x3[16];
   for (uint32_t j = 0; j < 16; ++j) {
     x0[j] = static_cast<uint32_t>(block);
     x1[j] = static_cast<uint32_t>(block >> 32);
@@ -226,35 +250,128 @@ DF_ISA_CLONES void normal_block(PhiloxKey key, uint32_t offset, uint64_t block, 
       x0[j] = o.x0, x1[j] = o.x1, x2[j] = o.x2, x3[j] = o.x3;
     }
   }
-  for (int j = 0; j < 16; ++j) {
-    if constexpr (sizeof(acc) == sizeof(double)) {
+  if constexpr (sizeof(acc) == sizeof(double)) {
+    for (int j = 0; j < 16; ++j) {
       out[j] = box_muller_f64(x0[j], x1[j], false);
       out[16 + j] = box_muller_f64(x0[j], x1[j], true);
       out[32 + j] = box_muller_f64(x2[j], x3[j], false);
       out[48 + j] = box_muller_f64(x2[j], x3[j], true);
-    } else {
-      float c0, s0, c1, s1;
-      sincos_2pi(uniform_open(x1[j]), &c0, &s0);
-      sincos_2pi(uniform_open(x3[j]), &c1, &s1);
-      const float r0 = std::sqrt(-2.0f * noise_log(uniform_open(x0[j])));
-      const float r1 = std::sqrt(-2.0f * noise_log(uniform_open(x2[j])));
-      out[j] = r0 * c0, out[16 + j] = r0 * s0, out[32 + j] = r1 * c1, out[48 + j] = r1 * s1;
+    }
+  } else {
+    box_muller_block(x0, x1, x2, x3, out);
+  }
+}
+
+#ifdef DF_HAVE_AVX2_PHILOX
+// The same block with the Philox rounds in AVX2 (g++ leaves the 32x32->64 multiplies of the portable
+// loop scalar on AVX2): 8 lanes per register, two registers per word. Reached only when
+// cpu_isa() reports AVX2 or AVX-512 (csrc/cpu/cpu_isa.h).
+__attribute__((target("avx2,fma"), always_inline)) inline void mulhilo(__m256i a, __m256i m, __m256i* hi,
+                                                                      __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+__attribute__((target("avx2,fma"))) void normal_block_avx2(PhiloxKey key, uint32_t offset, uint64_t block,
+                                                            float* out) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i x0[2], x1[2], x2[2], x3[2];
+  for (int h = 0; h < 2; ++h) {
+    x0[h] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block)));
+    x1[h] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block >> 32)));
+    x2[h] = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(kNormalStream + 8 * h)));
+    x3[h] = _mm256_set1_epi32(static_cast<int>(offset));
+  }
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0)), m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (uint32_t r = 0; r < 10; ++r) {
+    const __m256i k0 = _mm256_set1_epi32(static_cast<int>(key.k0 + r * kPhiloxW0));
+    const __m256i k1 = _mm256_set1_epi32(static_cast<int>(key.k1 + r * kPhiloxW1));
+    for (int h = 0; h < 2; ++h) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo(x0[h], m0, &hi0, &lo0);
+      mulhilo(x2[h], m1, &hi1, &lo1);
+      x0[h] = _mm256_xor_si256(_mm256_xor_si256(hi1, x1[h]), k0);
+      x1[h] = lo1;
+      x2[h] = _mm256_xor_si256(_mm256_xor_si256(hi0, x3[h]), k1);
+      x3[h] = lo0;
+    }
+  }
+  alignas(64) uint32_t w0[16], w1[16], w2[16], w3[16];
+  for (int h = 0; h < 2; ++h) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w0 + 8 * h), x0[h]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w1 + 8 * h), x1[h]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w2 + 8 * h), x2[h]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w3 + 8 * h), x3[h]);
+  }
+  box_muller_block(w0, w1, w2, w3, out);
+}
+#endif
+
+template <typename acc>
+using NormalBlockFn = void (*)(PhiloxKey, uint32_t, uint64_t, acc*);
+
+template <typename acc>
+NormalBlockFn<acc> pick_normal_block() {
+#ifdef DF_HAVE_AVX2_PHILOX
+  if constexpr (sizeof(acc) == sizeof(float)) {
+    if (cpu_isa() != CpuIsa::kDefault) return &normal_block_avx2;
+  }
+#endif
+  return &normal_block<acc>;
+}
+
+template <typename acc>
+DF_INLINE acc threshold_value(acc v, int kind, acc s) {
+  return kind == kDynamic ? clamp_scale(v, s) : (kind == kStatic ? (v < -1 ? acc(-1) : (v > 1 ? acc(1) : v)) : v);
+}
+
+// x_prev (and x0) of elements [i0, i0 + len) of one sample, z the noise of those elements or null.
+template <typename T, int kKind, bool kNoise, bool kX0>
+DF_INLINE void update_run(const acc_t<T>* __restrict x0, const T* __restrict xt, const acc_t<T>* __restrict z,
+                          T* __restrict out, T* __restrict x0_out, const StepArgs<acc_t<T>>& a, acc_t<T> s,
+                          int64_t len) {
+  using acc = acc_t<T>;
+  for (int64_t i = 0; i < len; ++i) {
+    const acc v = threshold_value(x0[i], kKind, s);
+    acc y = a.mean_x0 * v + a.mean_xt * static_cast<acc>(xt[i]);
+    if constexpr (kNoise) y += a.sigma * z[i];
+    out[i] = static_cast<T>(y);
+    if constexpr (kX0) x0_out[i] = static_cast<T>(v);
+  }
+}
+
+// The update of one sample (flat elements base .. base + n), the noise drawn block by block of the
+// flat index so every element gets the noise of its global index.
+template <typename T, int kKind, bool kNoise, bool kX0>
+DF_ISA_CLONES void update(const acc_t<T>* x0, const T* xt, T* out, T* x0_out, const StepArgs<acc_t<T>>& a, acc_t<T> s,
+                          int64_t base, int64_t n, PhiloxKey key, uint32_t offset) {
+  static const NormalBlockFn<acc_t<T>> normal_block_fn = pick_normal_block<acc_t<T>>();
+  using acc = acc_t<T>;
+  if constexpr (!kNoise) {
+    update_run<T, kKind, false, kX0>(x0, xt + base, nullptr, out + base, x0_out ? x0_out + base : nullptr, a, s, n);
+  } else {
+    alignas(64) acc blk[kNoiseBlock];
+    for (int64_t i = 0; i < n;) {
+      const uint64_t e = static_cast<uint64_t>(base + i);
+      const int64_t start = static_cast<int64_t>(e & (kNoiseBlock - 1));
+      const int64_t len = std::min<int64_t>(kNoiseBlock - start, n - i);
+      normal_block_fn(key, offset, e >> 6, blk);
+      update_run<T, kKind, true, kX0>(x0 + i, xt + base + i, blk + start, out + base + i,
+                                      x0_out ? x0_out + base + i : nullptr, a, s, len);
+      i += len;
     }
   }
 }
 
-template <typename T>
-DF_ISA_CLONES void update(const acc_t<T>* x0, const T* xt, const acc_t<T>* z, T* out, T* x0_out,
-                          const StepArgs<acc_t<T>>& a, int kind, acc_t<T> s, int64_t n) {
-  using acc = acc_t<T>;
-  for (int64_t i = 0; i < n; ++i) {
-    acc v = x0[i];
-    v = kind == kDynamic ? clamp_scale(v, s) : (kind == kStatic ? (v < -1 ? acc(-1) : (v > 1 ? acc(1) : v)) : v);
-    acc y = a.mean_x0 * v + a.mean_xt * static_cast<acc>(xt[i]);
-    if (z) y += a.sigma * z[i];
-    out[i] = static_cast<T>(y);
-    if (x0_out) x0_out[i] = static_cast<T>(v);
-  }
+template <typename T, int kKind>
+void update_dispatch(bool noise, bool want_x0, const acc_t<T>* x0, const T* xt, T* out, T* x0_out,
+                     const StepArgs<acc_t<T>>& a, acc_t<T> s, int64_t base, int64_t n, PhiloxKey key, uint32_t offset) {
+  if (noise && want_x0) update<T, kKind, true, true>(x0, xt, out, x0_out, a, s, base, n, key, offset);
+  else if (noise) update<T, kKind, true, false>(x0, xt, out, x0_out, a, s, base, n, key, offset);
+  else if (want_x0) update<T, kKind, false, true>(x0, xt, out, x0_out, a, s, base, n, key, offset);
+  else update<T, kKind, false, false>(x0, xt, out, x0_out, a, s, base, n, key, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor> guided_step_cpu(const at::Tensor& cond_in, const std::optional<at::Tensor>& uncond_in,
@@ -286,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> guided_step_cpu(const at::Tensor& cond_in, co
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     scalar_t* x0p = return_x0 ? x0_out.mutable_data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B, std::max<int64_t>(1, 32768 / n), [&](int64_t b0, int64_t b1) {
-      thread_local std::vector<acc> buf, zbuf, cand;
+      thread_local std::vector<acc> buf, cand;
       acc* v = thread_scratch(buf, n);
       for (int64_t b = b0; b < b1; ++b) {
         const StepCoefs c = step_coefs(ap[b], pp[b], param, samp, eta);
@@ -295,20 +412,11 @@ std::tuple<at::Tensor, at::Tensor> guided_step_cpu(const at::Tensor& cond_in, co
         const int64_t base = b * n;
         x0_estimate<scalar_t>(cp + base, up ? up + base : nullptr, xp + base, v, a, n);
         const acc s = kind == kDynamic ? static_cast<acc>(sample_scale(v, n, percentile, cand, nullptr)) : acc(1);
-        acc* z = nullptr;
-        if (c.sigma != 0.0) {  // noise of the sample's elements, block by block of the flat index
-          z = thread_scratch(zbuf, n + 2 * kNoiseBlock);
-          alignas(64) acc blk[kNoiseBlock];
-          for (int64_t i = 0; i < n;) {
-            const uint64_t e = static_cast<uint64_t>(base + i);
-            const int64_t start = static_cast<int64_t>(e & (kNoiseBlock - 1));
-            const int64_t len = std::min<int64_t>(kNoiseBlock - start, n - i);
-            normal_block<acc>(key, static_cast<uint32_t>(offset), e >> 6, blk);
-            std::memcpy(z + i, blk + start, len * sizeof(acc));
-            i += len;
-          }
-        }
-        update<scalar_t>(v, xp + base, z, op + base, x0p ? x0p + base : nullptr, a, kind, s, n);
+        const bool noise = c.sigma != 0.0;
+        const uint32_t off = static_cast<uint32_t>(offset);
+        if (kind == kDynamic) update_dispatch<scalar_t, kDynamic>(noise, x0p != nullptr, v, xp, op, x0p, a, s, base, n, key, off);
+        else if (kind == kStatic) update_dispatch<scalar_t, kStatic>(noise, x0p != nullptr, v, xp, op, x0p, a, s, base, n, key, off);
+        else update_dispatch<scalar_t, kNone>(noise, x0p != nullptr, v, xp, op, x0p, a, s, base, n, key, off);
       }
     });
   });

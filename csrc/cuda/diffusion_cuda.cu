@@ -286,8 +286,7 @@ __global__ void __launch_bounds__(kThreads) step_output_kernel(StepIn<T> step, c
       float c0, s0, c1, s1;
       sincos_2pi(uniform_open(r.x1), &c0, &s0);
       sincos_2pi(uniform_open(r.x3), &c1, &s1);
-      const float r0 = sqrtf(-2.0f * noise_log(uniform_open(r.x0)));
-      const float r1 = sqrtf(-2.0f * noise_log(uniform_open(r.x2)));
+      const float r0 = box_muller_radius(r.x0), r1 = box_muller_radius(r.x2);
       z[0] = r0 * c0, z[1] = r0 * s0, z[2] = r1 * c1, z[3] = r1 * s1;
     }
   }
