@@ -94,8 +94,9 @@ def bench_ops(shapes, dtype, reps, rec, peak):
                     t = measure(fn, warmup=3, reps=reps, min_time=0.5)
                 base = base or t["median_ms"]
                 gbps = nbytes / (t["median_ms"] * 1e-3) / 1e9
-                rec.add(op=op, provider=name, mode="fwd", shape=str(tuple(shape)), dtype=str(dtype).replace("torch.", ""),
-                        device="cpu", bytes=nbytes, gbps=gbps, ratio=base / t["median_ms"],
+                rec.add(op=op, provider=name, mode="fwd", shape=str(tuple(shape)),
+                        dtype=str(dtype).replace("torch.", ""), device="cpu", bytes=nbytes, gbps=gbps,
+                        ratio=base / t["median_ms"],
                         extra=f"floor x{peak / gbps:.2f} (copy ceiling {peak:.1f} GB/s)", **t)
     return ok
 

@@ -299,7 +299,8 @@ def test_step_reproducible_and_thread_independent():
     cond, uncond, x_t = mod.sample_inputs((5, 3, 20, 20), "cpu", torch.float32)
     run = lambda **kw: dalle_fast.guided_step(cond, uncond, x_t, 0.2, 0.3, guidance=6.0, **kw)  # noqa: E731
     assert torch.equal(run(generator=torch.Generator().manual_seed(1)), run(generator=torch.Generator().manual_seed(1)))
-    assert not torch.equal(run(generator=torch.Generator().manual_seed(1)), run(generator=torch.Generator().manual_seed(2)))
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    assert not torch.equal(run(generator=gen(1)), run(generator=gen(2)))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -284,7 +284,8 @@ __attribute__((target("avx2,fma"))) void normal_block_avx2(PhiloxKey key, uint32
     x2[h] = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(kNormalStream + 8 * h)));
     x3[h] = _mm256_set1_epi32(static_cast<int>(offset));
   }
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0)), m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
   for (uint32_t r = 0; r < 10; ++r) {
     const __m256i k0 = _mm256_set1_epi32(static_cast<int>(key.k0 + r * kPhiloxW0));
     const __m256i k1 = _mm256_set1_epi32(static_cast<int>(key.k1 + r * kPhiloxW1));
@@ -374,7 +375,8 @@ void update_dispatch(bool noise, bool want_x0, const acc_t<T>* x0, const T* xt, 
   else update<T, kKind, false, false>(x0, xt, out, x0_out, a, s, base, n, key, offset);
 }
 
-std::tuple<at::Tensor, at::Tensor> guided_step_cpu(const at::Tensor& cond_in, const std::optional<at::Tensor>& uncond_in,
+std::tuple<at::Tensor, at::Tensor> guided_step_cpu(const at::Tensor& cond_in,
+                                                   const std::optional<at::Tensor>& uncond_in,
                                                    const at::Tensor& xt_in, const at::Tensor& alpha_bar_t,
                                                    const at::Tensor& alpha_bar_prev, double guidance,
                                                    const std::string& parameterization, const std::string& sampler,
@@ -412,11 +414,14 @@ std::tuple<at::Tensor, at::Tensor> guided_step_cpu(const at::Tensor& cond_in, co
         const int64_t base = b * n;
         x0_estimate<scalar_t>(cp + base, up ? up + base : nullptr, xp + base, v, a, n);
         const acc s = kind == kDynamic ? static_cast<acc>(sample_scale(v, n, percentile, cand, nullptr)) : acc(1);
-        const bool noise = c.sigma != 0.0;
+        const bool noise = c.sigma != 0.0, want_x0 = x0p != nullptr;
         const uint32_t off = static_cast<uint32_t>(offset);
-        if (kind == kDynamic) update_dispatch<scalar_t, kDynamic>(noise, x0p != nullptr, v, xp, op, x0p, a, s, base, n, key, off);
-        else if (kind == kStatic) update_dispatch<scalar_t, kStatic>(noise, x0p != nullptr, v, xp, op, x0p, a, s, base, n, key, off);
-        else update_dispatch<scalar_t, kNone>(noise, x0p != nullptr, v, xp, op, x0p, a, s, base, n, key, off);
+        if (kind == kDynamic)
+          update_dispatch<scalar_t, kDynamic>(noise, want_x0, v, xp, op, x0p, a, s, base, n, key, off);
+        else if (kind == kStatic)
+          update_dispatch<scalar_t, kStatic>(noise, want_x0, v, xp, op, x0p, a, s, base, n, key, off);
+        else
+          update_dispatch<scalar_t, kNone>(noise, want_x0, v, xp, op, x0p, a, s, base, n, key, off);
       }
     });
   });

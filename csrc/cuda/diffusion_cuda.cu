@@ -306,7 +306,8 @@ __global__ void __launch_bounds__(kThreads) step_output_kernel(StepIn<T> step, c
 }
 
 int64_t blocks_for(int64_t items, int64_t cap) {
-  return std::max<int64_t>(1, std::min<int64_t>(cap, (items + kThreads * kItemsPerThread - 1) / (kThreads * kItemsPerThread)));
+  constexpr int64_t per_block = kThreads * kItemsPerThread;
+  return std::max<int64_t>(1, std::min<int64_t>(cap, (items + per_block - 1) / per_block));
 }
 
 template <typename acc, int kLevel>
@@ -388,7 +389,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_threshold_cuda(const at::
   return {out, scale, pivots};
 }
 
-std::tuple<at::Tensor, at::Tensor> guided_step_cuda(const at::Tensor& cond_in, const std::optional<at::Tensor>& uncond_in,
+std::tuple<at::Tensor, at::Tensor> guided_step_cuda(const at::Tensor& cond_in,
+                                                    const std::optional<at::Tensor>& uncond_in,
                                                     const at::Tensor& xt_in, const at::Tensor& alpha_bar_t,
                                                     const at::Tensor& alpha_bar_prev, double guidance,
                                                     const std::string& parameterization, const std::string& sampler,
@@ -414,7 +416,8 @@ std::tuple<at::Tensor, at::Tensor> guided_step_cuda(const at::Tensor& cond_in, c
     at::Tensor coefs = at::empty({B * kNumCoefs}, xt.options().dtype(acc_type));
     at::Tensor x0 = kind == kDynamic ? at::empty({total}, xt.options().dtype(acc_type)) : at::Tensor();
     at::Tensor scale = at::empty({B}, xt.options().dtype(at::kDouble));
-    StepIn<scalar_t> step{cond.const_data_ptr<scalar_t>(), uncond.defined() ? uncond.const_data_ptr<scalar_t>() : nullptr,
+    StepIn<scalar_t> step{cond.const_data_ptr<scalar_t>(),
+                          uncond.defined() ? uncond.const_data_ptr<scalar_t>() : nullptr,
                           xt.const_data_ptr<scalar_t>(), ab_t.const_data_ptr<double>(), ab_p.const_data_ptr<double>(),
                           coefs.mutable_data_ptr<acc>(), x0.defined() ? x0.mutable_data_ptr<acc>() : nullptr,
                           guidance, eta, param, samp};
