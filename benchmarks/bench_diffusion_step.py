@@ -4,6 +4,7 @@ the public samplers write (torch.quantile + clamp + the DDPM posterior update) a
     .venv/bin/python benchmarks/bench_diffusion_step.py            # (16, 3, 64, 64) and (4, 3, 256, 256), fp32
     .venv/bin/python benchmarks/bench_diffusion_step.py --quick    # (4, 3, 64, 64), few reps, no CSV
     .venv/bin/python benchmarks/bench_diffusion_step.py --pair     # also: the guided pair as one batch of 2B
+    .venv/bin/python benchmarks/bench_diffusion_step.py --cpu-time # 1 thread, CPU time instead of wall time, no CSV
 
 Providers: eager (our own code written the way imagen-pytorch / diffusers write a guided, dynamically
 thresholded DDPM step: guidance, x0 from eps, torch.quantile of |x0| per sample, clamp, posterior mean,
@@ -148,14 +149,41 @@ def bench_pair(shape, reps, rec):
                     device="cpu", ratio=base / t["median_ms"], extra="SmallUNetLike ch=64 blocks=4", **t)
 
 
+def cpu_time_ratios(shapes, reps=15):
+    """One thread, time.thread_time (CPU time of this thread): on a machine shared with other jobs,
+    wall time of anything longer than a scheduler slice is inflated by their slices; CPU time is not."""
+    import time
+
+    def cpu_ms(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.thread_time()
+            fn()
+            ts.append(time.thread_time() - t0)
+        return sorted(ts)[len(ts) // 2] * 1e3
+
+    for shape in shapes:
+        cond, uncond, x_t = sample_inputs(shape)
+        with torch.no_grad():
+            e, f = cpu_ms(lambda: eager_step(cond, uncond, x_t)), cpu_ms(lambda: fused_step(cond, uncond, x_t))
+            et, ft = cpu_ms(lambda: eager_threshold(cond)), cpu_ms(lambda: dalle_fast.dynamic_threshold(cond))
+        print(f"{tuple(shape)} CPU time: guided_step eager {e:.2f} ms, dalle_fast {f:.2f} ms ({e / f:.1f}x); "
+              f"dynamic_threshold eager {et:.2f} ms, dalle_fast {ft:.2f} ms ({et / ft:.1f}x)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--pair", action="store_true", help="also time the guided pair batched (a small conv net)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cpu-time", action="store_true", help="1 thread, CPU time of eager and dalle_fast only")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1 if args.cpu_time else args.threads)
     shapes = [(4, 3, 64, 64)] if args.quick else [(16, 3, 64, 64), (4, 3, 256, 256)]
+    if args.cpu_time:
+        cpu_time_ratios(shapes)
+        return 0
     reps = 3 if args.quick else 10
     peak = copy_peak_gbps()
     print(f"machine copy ceiling: {peak:.1f} GB/s; threads: {torch.get_num_threads()}; "
