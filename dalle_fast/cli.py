@@ -12,6 +12,7 @@ SUBCOMMAND_MODULES = [
     "dalle_fast.train.clip",    # train-clip
     "dalle_fast.generate",      # generate
     "dalle_fast.train.diffusion",  # train-diffusion, train-upsampler, train-prior
+    "dalle_fast.diffusion.cli",    # vary, interpolate
 ]
 
 

@@ -37,13 +37,14 @@ class UNetConfig:
     embed_tokens: int = 0      # > 0: the condition is one vector (B, cond_dim) made into this many tokens
     low_res_channels: int = 0  # > 0: a super-resolution model
     dropout: float = 0.0
+    patch: int = 1             # > 1: a space-to-depth stem (pixel_unshuffle), the U-Net runs at image_size / patch
 
     def __post_init__(self):
         self.mults, self.res_blocks, self.attn_levels = tuple(self.mults), tuple(self.res_blocks), tuple(self.attn_levels)
         if len(self.mults) != len(self.res_blocks):
             raise ValueError(f"mults {self.mults} and res_blocks {self.res_blocks} need one entry per level")
-        if self.image_size % 2 ** (len(self.mults) - 1):
-            raise ValueError(f"image_size {self.image_size} must be divisible by 2^{len(self.mults) - 1}")
+        if self.patch < 1 or self.image_size % (self.patch * 2 ** (len(self.mults) - 1)):
+            raise ValueError(f"image_size {self.image_size} must be divisible by patch * 2^{len(self.mults) - 1}")
         if any(c * self.base % 8 for c in self.mults):
             raise ValueError("every level's channel count must be a multiple of 8 (GroupNorm)")
 
@@ -124,7 +125,8 @@ class UNet(nn.Module):
             self.null_pooled = nn.Parameter(torch.zeros(emb))
         if cfg.low_res_channels:
             self.aug_mlp = nn.Sequential(nn.Linear(base, emb), nn.SiLU(), nn.Linear(emb, emb))
-        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.low_res_channels, base, 3, padding=1)
+        p2 = cfg.patch ** 2
+        self.conv_in = nn.Conv2d((cfg.in_channels + cfg.low_res_channels) * p2, base, 3, padding=1)
         use_attn = bool(cfg.cond_dim)
         self.down, chans, c = nn.ModuleList(), [base], base
         for i, (m, n) in enumerate(zip(cfg.mults, cfg.res_blocks)):
@@ -152,7 +154,7 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
                                               nn.Conv2d(c, c, 3, padding=1)]))
-        self.out = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, cfg.out_channels * p2, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
@@ -196,8 +198,9 @@ class UNet(nn.Module):
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[-1] % 2 ** (len(cfg.mults) - 1) or x.shape[-2] % 2 ** (len(cfg.mults) - 1):
-            raise ValueError(f"x's size {tuple(x.shape[-2:])} must be divisible by 2^{len(cfg.mults) - 1}")
+        div = cfg.patch * 2 ** (len(cfg.mults) - 1)
+        if x.shape[-1] % div or x.shape[-2] % div:
+            raise ValueError(f"x's size {tuple(x.shape[-2:])} must be divisible by {div}")
         B = x.shape[0]
         if t.shape != (B,):
             raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
@@ -215,6 +218,8 @@ class UNet(nn.Module):
                 low_res = F.interpolate(low_res, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, low_res.to(x.dtype)], dim=1)
             emb = emb + self.aug_mlp(timestep_embedding(aug_t, cfg.base))
+        if cfg.patch > 1:
+            x = F.pixel_unshuffle(x, cfg.patch)
         h = self.conv_in(x)
         hs = [h]
         for blk in self.down:
@@ -227,7 +232,8 @@ class UNet(nn.Module):
             if isinstance(blk[0], ResBlock):
                 h = torch.cat([h, hs.pop() * skip_scale], dim=1)
             h = self._run(blk, h, emb, tokens, mask)
-        return self.out(h)
+        h = self.out(h)
+        return F.pixel_shuffle(h, cfg.patch) if cfg.patch > 1 else h
 
     @staticmethod
     def _run(blk, h, emb, tokens, mask):

@@ -24,14 +24,16 @@ DECODER_SIZE, UPSAMPLER_SIZE = 32, 64
 
 def base_unet_config(cond_dim, embed_tokens=0, base=16):
     from ..diffusion import UNetConfig
+    # a 2x2 space-to-depth stem: the U-Net runs at 16, 8, 4 (2.7x cheaper per step than at 32, 16, 8 on
+    # this CPU, which flat-coloured Shapes images afford); more residual blocks at the lowest level
     return UNetConfig(image_size=DECODER_SIZE, base=base, mults=(1, 2, 4), res_blocks=(1, 1, 2), attn_levels=(1, 2),
-                      heads=4, cond_dim=cond_dim, embed_tokens=embed_tokens)
+                      heads=4, cond_dim=cond_dim, embed_tokens=embed_tokens, patch=2)
 
 
 def upsampler_unet_config(base=16):
     from ..diffusion import UNetConfig
     return UNetConfig(image_size=UPSAMPLER_SIZE, base=base, mults=(1, 2, 2), res_blocks=(1, 1, 2), attn_levels=(),
-                      low_res_channels=3)
+                      low_res_channels=3, patch=2)
 
 
 def build_stage(args):
