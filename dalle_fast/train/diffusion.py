@@ -105,7 +105,8 @@ def run_training(args):
     skipped, t_start, step_start = 0, time.perf_counter(), step
     model.train()
     try:
-        while step < args.steps:
+        stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
+        while step < stop:
             images, captions = next(batches)
             lr = args.lr * (step + 1) / args.warmup if step < args.warmup else \
                 common.cosine(step - args.warmup, max(1, args.steps - args.warmup), args.lr, args.lr * 0.1)
@@ -130,7 +131,7 @@ def run_training(args):
             bar.update(1, loss=loss.item(), lr=lr)
             if step % args.log_every == 0 or step == args.steps:
                 log.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": norm, "skipped": skipped})
-            if args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps):
+            if args.ckpt_every and (step % args.ckpt_every == 0 or step in (args.steps, stop)):
                 common.save_training_state(args.run, step, model, ema, opt,
                                            {"stage": args.stage, "data": batches.state(), "total_steps": args.steps},
                                            keep=args.keep_checkpoints)
@@ -165,6 +166,8 @@ def _common_args(p, width, lr, steps):
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="stop (with a checkpoint) after this many steps of the --steps schedule; --resume continues")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
