@@ -65,6 +65,23 @@ TORCH_LIBRARY(dalle_fast, m) {
         "int text_len, int image_size, int conv_kernel, float scale) -> Tensor");
   // ---- sparse_attention (end) ----
 
+  // ---- diffusion (begin) ----
+  // x0 (B, ...): per sample s = max(1, torch.quantile(|x0|, percentile), linear interpolation), by
+  // selection; returns (clamp(x0, -s, s) / s in x0's dtype, s as float64 (B,), pivots: int64 (B, 2)
+  // flat indices in the sample of the two elements s interpolates (-1 where s = 1), or (0,) unless
+  // return_pivots). See include/dalle_fast/diffusion.h.
+  m.def("dynamic_threshold(Tensor x0, float percentile, bool return_pivots) -> (Tensor, Tensor, Tensor)");
+  m.def("_dynamic_threshold_backward(Tensor grad, Tensor x0, Tensor scale, Tensor pivots, float percentile) -> Tensor");
+  // One classifier-free-guided sampling step, fused: pred = uncond + guidance (cond - uncond) (cond
+  // alone when uncond is None), the x0 estimate (parameterization "eps" | "v" | "x0"), thresholding
+  // ("dynamic" at percentile | "static": clamp to [-1, 1] | "none"), the "ddpm" posterior or "ddim"
+  // (eta) update with in-kernel Philox normal noise for (seed, offset). alpha_bar_t, alpha_bar_prev:
+  // float64 (B,) on x_t's device. Returns (x_prev, thresholded x0 or (0,) unless return_x0).
+  m.def("guided_step(Tensor cond, Tensor? uncond, Tensor x_t, Tensor alpha_bar_t, Tensor alpha_bar_prev, "
+        "float guidance, str parameterization, str sampler, float eta, str threshold, float percentile, "
+        "Tensor seed, int offset, bool return_x0) -> (Tensor, Tensor)");
+  // ---- diffusion (end) ----
+
   // ---- transformer_decode_step (begin) ----
   // One cached sampling step of DALLE (csrc/decode_step.cpp): tokens (B,) are image token `index`;
   // params = image_emb, image_row, image_col weights, then per layer (11): attention norm weight, bias,

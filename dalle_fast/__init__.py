@@ -9,6 +9,7 @@ from . import _extension
 _C = _extension.load()
 backends = _extension.backends
 
+from .ops.diffusion import dynamic_threshold, guided_step  # noqa: E402
 from .ops.gumbel_softmax import gumbel_softmax, one_hot_argmax  # noqa: E402
 from .ops.logit_laplace import logit_laplace_loss, map_pixels, unmap_pixels  # noqa: E402
 from .ops.sparse_attention import (  # noqa: E402
@@ -17,5 +18,5 @@ from .ops.sparse_attention import (  # noqa: E402
 __all__ = [
     "gumbel_softmax", "one_hot_argmax", "logit_laplace_loss", "map_pixels", "unmap_pixels",
     "attention_mask", "attention_schedule", "sparse_attention", "sparse_attention_decode",
-    "backends", "__version__",
+    "dynamic_threshold", "guided_step", "backends", "__version__",
 ]

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 OP_MODULES = ["dalle_fast.ops.gumbel_softmax", "dalle_fast.ops.logit_laplace", "dalle_fast.ops.sparse_attention",
-              "dalle_fast.ops.decode_step"]
+              "dalle_fast.ops.decode_step", "dalle_fast.ops.diffusion"]
 
 
 def run(devices=None, out=sys.stdout):

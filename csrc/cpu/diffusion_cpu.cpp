@@ -1,0 +1,326 @@
+// CPU kernels of dynamic_threshold and guided_step (schemas in csrc/ops.cpp, math in
+// include/dalle_fast/diffusion.h, checks in include/dalle_fast/diffusion_checks.h, Python side in
+// dalle_fast/ops/diffusion.py).
+//
+// Work is split over samples (at::parallel_for over dim 0). Per sample:
+//  1. x0 (guided_step: from cond, uncond and x_t in one pass; dynamic_threshold: x0 itself) is
+//     written to a per-thread scratch in the accumulation type, with |x0|;
+//  2. the percentile of |x0| by selection, not sorting: an 11-bit histogram of the order-preserving
+//     bits of |x0| finds the bins holding the two ranks torch.quantile interpolates between, the
+//     elements of those bins (a small fraction near the 99.5th percentile) are gathered and
+//     std::nth_element picks the lower rank, the minimum of what lies above it the upper one;
+//  3. one output pass: clamp(x0, -s, s) / s, and for guided_step the DDPM / DDIM update with the
+//     normal noise drawn in blocks of 64 elements (16 Philox calls, one vector per round).
+// The element loops are compiled per ISA by GCC's target_clones (AVX-512, AVX2, baseline), picked
+// by the loader from the running CPU, never assumed at compile time (as in gumbel_softmax_cpu.cpp).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "dalle_fast/diffusion.h"
+#include "dalle_fast/diffusion_checks.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DF_ISA_CLONES
+#endif
+
+namespace dalle_fast {
+namespace diffusion {
+
+namespace {
+
+constexpr int kBins = 2048;
+
+// 11 high bits of |v|'s order-preserving bit pattern (NaN lands at the top; NaN is tracked apart).
+inline int bin_of(float v) { return static_cast<int>(abs_key(v) >> 20); }
+inline int bin_of(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return static_cast<int>((b >> 52) & 0x7ffu);
+}
+
+template <typename acc>
+acc* thread_scratch(std::vector<acc>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+template <typename acc>
+struct Percentile {
+  double v_lo, v_hi;  // the two order statistics torch.quantile interpolates
+  bool nan;
+};
+
+// The lo-th and hi-th smallest of |v[0..n)| (hi = lo or lo + 1).
+template <typename acc>
+Percentile<acc> select_ranks(const acc* v, int64_t n, const Rank& r, std::vector<acc>& cand) {
+  int64_t hist[kBins] = {};
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc a = std::abs(v[i]);
+    nan |= a != a;
+    ++hist[bin_of(a)];
+  }
+  if (nan) return {NAN, NAN, true};
+  int64_t below = 0, below_lo = 0;
+  int b_lo = -1, b_hi = -1;
+  for (int b = 0; b < kBins; ++b) {
+    if (b_lo < 0 && below + hist[b] > r.lo) b_lo = b, below_lo = below;
+    if (below + hist[b] > r.hi) {
+      b_hi = b;
+      break;
+    }
+    below += hist[b];
+  }
+  cand.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    const acc a = std::abs(v[i]);
+    const int b = bin_of(a);
+    if (b >= b_lo && b <= b_hi) cand.push_back(a);
+  }
+  const int64_t k = r.lo - below_lo;
+  std::nth_element(cand.begin(), cand.begin() + k, cand.end());
+  const double lo = static_cast<double>(cand[k]);
+  double hi = lo;
+  if (r.hi != r.lo) hi = static_cast<double>(*std::min_element(cand.begin() + k + 1, cand.end()));
+  return {lo, hi, false};
+}
+
+// First flat index in the sample whose |x| is v (the element s depends on), for the backward.
+template <typename acc>
+int64_t find_abs(const acc* v, int64_t n, double target) {
+  for (int64_t i = 0; i < n; ++i)
+    if (static_cast<double>(std::abs(v[i])) == target) return i;
+  return -1;
+}
+
+// Scale of one sample from its x0 values (acc); pivots written when asked.
+template <typename acc>
+double sample_scale(const acc* x0, int64_t n, double percentile, std::vector<acc>& cand, int64_t* pivots) {
+  const Rank r = quantile_rank(percentile, n);
+  const Percentile<acc> p = select_ranks(x0, n, r, cand);
+  const double s = p.nan ? static_cast<double>(NAN) : threshold_scale(p.v_lo, p.v_hi, r.w);
+  if (pivots) {
+    const bool depends = !p.nan && scale_is_percentile(p.v_lo, p.v_hi, r.w);
+    pivots[0] = depends ? find_abs(x0, n, p.v_lo) : -1;
+    pivots[1] = depends ? find_abs(x0, n, p.v_hi) : -1;
+  }
+  return s;
+}
+
+template <typename T>
+DF_ISA_CLONES void to_acc(const T* x, acc_t<T>* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t<T>>(x[i]);
+}
+
+template <typename T>
+DF_ISA_CLONES void clamp_store(const acc_t<T>* x0, acc_t<T> s, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(clamp_scale(x0[i], s));
+}
+
+// ---- dynamic_threshold ----
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_threshold_cpu(const at::Tensor& x_in, double percentile,
+                                                                     bool return_pivots) {
+  check_dynamic_threshold(x_in, percentile);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), n = B ? x.numel() / B : 0;
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor scale = at::empty({B}, x.options().dtype(at::kDouble));
+  at::Tensor pivots = at::empty(return_pivots ? at::IntArrayRef{B, 2} : at::IntArrayRef{0},
+                                x.options().dtype(at::kLong));
+  if (B == 0) return {out, scale, pivots};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dynamic_threshold_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    double* sp = scale.mutable_data_ptr<double>();
+    int64_t* pp = return_pivots ? pivots.mutable_data_ptr<int64_t>() : nullptr;
+    at::parallel_for(0, B, std::max<int64_t>(1, 32768 / n), [&](int64_t b0, int64_t b1) {
+      thread_local std::vector<acc> buf, cand;
+      acc* v = thread_scratch(buf, n);
+      for (int64_t b = b0; b < b1; ++b) {
+        to_acc<scalar_t>(xp + b * n, v, n);
+        sp[b] = sample_scale(v, n, percentile, cand, pp ? pp + 2 * b : nullptr);
+        clamp_store<scalar_t>(v, static_cast<acc>(sp[b]), op + b * n, n);
+      }
+    });
+  });
+  return {out, scale, pivots};
+}
+
+}  // namespace
+
+// d out / d x with s differentiated through: s = lerp(|x_lo|, |x_hi|, w) at the pivots (when s > 1).
+// Composite of ATen ops (not a hot path), registered for CPU here and for CUDA in diffusion_cuda.cu.
+at::Tensor dynamic_threshold_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+                                      const at::Tensor& pivots, double percentile) {
+  check_threshold_backward(grad, x, scale, pivots, percentile);
+  const int64_t B = x.size(0);
+  if (B == 0) return at::zeros_like(x);
+  const auto work = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xf = x.reshape({B, -1}).to(work), gf = grad.reshape({B, -1}).to(work);
+  const at::Tensor s = scale.to(work).unsqueeze(1);
+  const at::Tensor mask = xf.abs() <= s;
+  at::Tensor gx = at::where(mask, gf / s, at::zeros({}, gf.options()));
+  // d out_i / d s = -x_i / s^2 where unclamped (the clamped outputs are +-1 whatever s is).
+  const at::Tensor d_s = -(at::where(mask, gf * xf, at::zeros({}, gf.options())).sum(1, true)) / (s * s);
+  const Rank r = quantile_rank(percentile, xf.size(1));
+  const at::Tensor valid = (pivots.select(1, 0) >= 0).unsqueeze(1).to(work);
+  const at::Tensor idx = pivots.clamp_min(0);
+  const at::Tensor w = at::tensor({1.0 - r.w, r.w}, gf.options().dtype(at::kDouble)).to(work);
+  gx.scatter_add_(1, idx, xf.gather(1, idx).sign() * w * d_s * valid);
+  return gx.to(x.scalar_type()).reshape(x.sizes());
+}
+
+namespace {
+
+// ---- guided_step ----
+
+template <typename acc>
+struct StepArgs {
+  acc guidance, x0_xt, x0_pred, mean_x0, mean_xt, sigma;
+};
+
+template <typename T>
+DF_ISA_CLONES void x0_estimate(const T* cond, const T* uncond, const T* xt, acc_t<T>* x0, const StepArgs<acc_t<T>>& a,
+                               int64_t n) {
+  using acc = acc_t<T>;
+  if (uncond) {
+    for (int64_t i = 0; i < n; ++i) {
+      const acc u = static_cast<acc>(uncond[i]);
+      const acc pred = u + a.guidance * (static_cast<acc>(cond[i]) - u);
+      x0[i] = a.x0_xt * static_cast<acc>(xt[i]) + a.x0_pred * pred;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) x0[i] = a.x0_xt * static_cast<acc>(xt[i]) + a.x0_pred * static_cast<acc>(cond[i]);
+  }
+}
+
+// The 64 standard normals of noise block `block`, in element order (round-major Philox as in
+// gumbel_softmax_cpu.cpp's noise_block, then Box-Muller on the word pairs).
+template <typename acc>
+DF_ISA_CLONES void normal_block(PhiloxKey key, uint32_t offset, uint64_t block, acc* out) {
+  uint32_t x0[16], x1[16], x2[16], x3[16];
+  for (uint32_t j = 0; j < 16; ++j) {
+    x0[j] = static_cast<uint32_t>(block);
+    x1[j] = static_cast<uint32_t>(block >> 32);
+    x2[j] = kNormalStream + j;
+    x3[j] = offset;
+  }
+  for (uint32_t r = 0; r < 10; ++r) {
+    const PhiloxKey k{key.k0 + r * kPhiloxW0, key.k1 + r * kPhiloxW1};
+    for (int j = 0; j < 16; ++j) {
+      const Philox4 o = philox_round({x0[j], x1[j], x2[j], x3[j]}, k);
+      x0[j] = o.x0, x1[j] = o.x1, x2[j] = o.x2, x3[j] = o.x3;
+    }
+  }
+  for (int j = 0; j < 16; ++j) {
+    if constexpr (sizeof(acc) == sizeof(double)) {
+      out[j] = box_muller_f64(x0[j], x1[j], false);
+      out[16 + j] = box_muller_f64(x0[j], x1[j], true);
+      out[32 + j] = box_muller_f64(x2[j], x3[j], false);
+      out[48 + j] = box_muller_f64(x2[j], x3[j], true);
+    } else {
+      float c0, s0, c1, s1;
+      sincos_2pi(uniform_open(x1[j]), &c0, &s0);
+      sincos_2pi(uniform_open(x3[j]), &c1, &s1);
+      const float r0 = std::sqrt(-2.0f * noise_log(uniform_open(x0[j])));
+      const float r1 = std::sqrt(-2.0f * noise_log(uniform_open(x2[j])));
+      out[j] = r0 * c0, out[16 + j] = r0 * s0, out[32 + j] = r1 * c1, out[48 + j] = r1 * s1;
+    }
+  }
+}
+
+template <typename T>
+DF_ISA_CLONES void update(const acc_t<T>* x0, const T* xt, const acc_t<T>* z, T* out, T* x0_out,
+                          const StepArgs<acc_t<T>>& a, int kind, acc_t<T> s, int64_t n) {
+  using acc = acc_t<T>;
+  for (int64_t i = 0; i < n; ++i) {
+    acc v = x0[i];
+    v = kind == kDynamic ? clamp_scale(v, s) : (kind == kStatic ? (v < -1 ? acc(-1) : (v > 1 ? acc(1) : v)) : v);
+    acc y = a.mean_x0 * v + a.mean_xt * static_cast<acc>(xt[i]);
+    if (z) y += a.sigma * z[i];
+    out[i] = static_cast<T>(y);
+    if (x0_out) x0_out[i] = static_cast<T>(v);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> guided_step_cpu(const at::Tensor& cond_in, const std::optional<at::Tensor>& uncond_in,
+                                                   const at::Tensor& xt_in, const at::Tensor& alpha_bar_t,
+                                                   const at::Tensor& alpha_bar_prev, double guidance,
+                                                   const std::string& parameterization, const std::string& sampler,
+                                                   double eta, const std::string& threshold, double percentile,
+                                                   const at::Tensor& seed, int64_t offset, bool return_x0) {
+  check_guided_step(cond_in, uncond_in, xt_in, alpha_bar_t, alpha_bar_prev, guidance, eta, threshold, percentile,
+                    seed, offset);
+  const int param = parse_parameterization(parameterization), samp = parse_sampler(sampler);
+  const int kind = parse_threshold(threshold);
+  const at::Tensor xt = xt_in.contiguous(), cond = cond_in.contiguous();
+  const at::Tensor uncond = uncond_in.has_value() ? uncond_in->contiguous() : at::Tensor();
+  const at::Tensor ab_t = alpha_bar_t.contiguous(), ab_p = alpha_bar_prev.contiguous();
+  const int64_t B = xt.size(0), n = B ? xt.numel() / B : 0;
+  const double* ap = ab_t.const_data_ptr<double>();
+  const double* pp = ab_p.const_data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) check_alpha_bars(ap[b], pp[b], b);
+  const PhiloxKey key = philox_key_from_seed(static_cast<uint64_t>(seed.item<int64_t>()));
+  at::Tensor out = at::empty(xt.sizes(), xt.options());
+  at::Tensor x0_out = at::empty(return_x0 ? xt.sizes() : at::IntArrayRef{0}, xt.options());
+  if (B == 0) return {out, x0_out};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xt.scalar_type(), "guided_step_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* cp = cond.const_data_ptr<scalar_t>();
+    const scalar_t* up = uncond.defined() ? uncond.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xp = xt.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    scalar_t* x0p = return_x0 ? x0_out.mutable_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B, std::max<int64_t>(1, 32768 / n), [&](int64_t b0, int64_t b1) {
+      thread_local std::vector<acc> buf, zbuf, cand;
+      acc* v = thread_scratch(buf, n);
+      for (int64_t b = b0; b < b1; ++b) {
+        const StepCoefs c = step_coefs(ap[b], pp[b], param, samp, eta);
+        const StepArgs<acc> a{static_cast<acc>(guidance), static_cast<acc>(c.x0_xt), static_cast<acc>(c.x0_pred),
+                              static_cast<acc>(c.mean_x0), static_cast<acc>(c.mean_xt), static_cast<acc>(c.sigma)};
+        const int64_t base = b * n;
+        x0_estimate<scalar_t>(cp + base, up ? up + base : nullptr, xp + base, v, a, n);
+        const acc s = kind == kDynamic ? static_cast<acc>(sample_scale(v, n, percentile, cand, nullptr)) : acc(1);
+        acc* z = nullptr;
+        if (c.sigma != 0.0) {  // noise of the sample's elements, block by block of the flat index
+          z = thread_scratch(zbuf, n + 2 * kNoiseBlock);
+          alignas(64) acc blk[kNoiseBlock];
+          for (int64_t i = 0; i < n;) {
+            const uint64_t e = static_cast<uint64_t>(base + i);
+            const int64_t start = static_cast<int64_t>(e & (kNoiseBlock - 1));
+            const int64_t len = std::min<int64_t>(kNoiseBlock - start, n - i);
+            normal_block<acc>(key, static_cast<uint32_t>(offset), e >> 6, blk);
+            std::memcpy(z + i, blk + start, len * sizeof(acc));
+            i += len;
+          }
+        }
+        update<scalar_t>(v, xp + base, z, op + base, x0p ? x0p + base : nullptr, a, kind, s, n);
+      }
+    });
+  });
+  return {out, x0_out};
+}
+
+}  // namespace
+}  // namespace diffusion
+}  // namespace dalle_fast
+
+TORCH_LIBRARY_IMPL(dalle_fast, CPU, m) {
+  m.impl("dynamic_threshold", &dalle_fast::diffusion::dynamic_threshold_cpu);
+  m.impl("_dynamic_threshold_backward", &dalle_fast::diffusion::dynamic_threshold_backward);
+  m.impl("guided_step", &dalle_fast::diffusion::guided_step_cpu);
+}
