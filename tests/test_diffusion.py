@@ -1,13 +1,12 @@
-"""dalle_fast.diffusion: schedules against closed forms, parameterisations, the sampling step
-against the DDPM posterior, samplers on a Gaussian data distribution with its exact optimal
-denoiser, the U-Net's conditioning and guided pair, and bad input."""
+"""dalle_fast.diffusion: schedules against closed forms, parameterisations, samplers (the fused
+guided_step op in a loop; the op itself is tested in test_diffusion_ops.py) on a Gaussian data
+distribution with its exact optimal denoiser, the guided pair, the U-Net's conditioning, bad input."""
 import math
 
 import pytest
 import torch
 
-from dalle_fast.diffusion import (NoiseSchedule, UNet, UNetConfig, dynamic_threshold, guided_step, sample,
-                                  slerp)
+from dalle_fast.diffusion import NoiseSchedule, UNet, UNetConfig, sample, slerp
 
 
 # ---- schedules -------------------------------------------------------------------------------------
@@ -44,42 +43,6 @@ def test_sampling_steps_respacing():
     sch = NoiseSchedule("linear", 1000)
     ts = sch.sampling_steps(50)
     assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 50 and bool((ts[1:] < ts[:-1]).all())
-
-
-# ---- one step ------------------------------------------------------------------------------------
-def test_ddpm_step_is_the_posterior():
-    """eta = 1 from t to t-1 gives the DDPM posterior mean and variance (Ho et al. eq. 7)."""
-    sch = NoiseSchedule("linear", 1000)
-    torch.manual_seed(1)
-    x_t, x0, z = (torch.randn(3, 8, dtype=torch.float64) for _ in range(3))
-    t = 500
-    ab_t, ab_p = sch.alphas_cumprod[t].item(), sch.alphas_cumprod[t - 1].item()
-    beta = sch.betas[t].item()
-    eps = (x_t - ab_t ** 0.5 * x0) / (1 - ab_t) ** 0.5
-    out, _ = guided_step(eps, None, x_t, 1.0, ab_t, ab_p, param="eps", threshold="none", eta=1.0, noise=z)
-    mean = ab_p ** 0.5 * beta / (1 - ab_t) * x0 + (1 - beta) ** 0.5 * (1 - ab_p) / (1 - ab_t) * x_t
-    var = beta * (1 - ab_p) / (1 - ab_t)
-    torch.testing.assert_close(out, mean + var ** 0.5 * z, rtol=1e-9, atol=1e-9)
-
-
-def test_guidance_formula_and_last_step():
-    torch.manual_seed(2)
-    c, u, x = (torch.randn(2, 5, dtype=torch.float64) for _ in range(3))
-    _, x0 = guided_step(c, u, x, 3.0, 0.5, 1.0, param="x0", threshold="none")
-    torch.testing.assert_close(x0, u + 3.0 * (c - u))
-    out, _ = guided_step(c, u, x, 3.0, 0.5, 1.0, param="x0", threshold="none")  # alpha_bar_prev = 1: x0
-    torch.testing.assert_close(out, x0)
-
-
-def test_dynamic_threshold():
-    x = torch.tensor([[0.5, -0.2, 0.9, 0.1], [3.0, -4.0, 0.5, 1.0]], dtype=torch.float64)
-    out = dynamic_threshold(x, 1.0)
-    torch.testing.assert_close(out[0], x[0])  # s = max(1, 0.9) = 1: unchanged
-    torch.testing.assert_close(out[1], x[1] / 4.0)
-    p = 0.5  # linear interpolation between order statistics, as torch.quantile
-    s = torch.quantile(x[1].abs(), p).item()
-    torch.testing.assert_close(dynamic_threshold(x, p)[1], x[1].clamp(-s, s) / s)
-    assert float(dynamic_threshold(torch.randn(4, 3, 8, 8) * 5).abs().max()) <= 1.0
 
 
 # ---- samplers on a known distribution --------------------------------------------------------------
@@ -195,14 +158,16 @@ def test_bad_input_raises_clear_errors():
         sample(fn, (2, 3), sch, steps=2, guidance=-1.0)
     with pytest.raises(ValueError, match="percentile"):
         sample(fn, (2, 3), sch, steps=2, percentile=0.0)
-    with pytest.raises(ValueError, match="percentile"):
-        dynamic_threshold(torch.randn(2, 3), 1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        sample(fn, (2, 3), sch, steps=2, threshold="soft")
     with pytest.raises(ValueError, match="sampler"):
         sample(fn, (2, 3), sch, steps=2, sampler="euler")
     with pytest.raises(ValueError, match="steps"):
         sample(fn, (2, 3), sch, steps=101)
-    with pytest.raises(ValueError, match="must match x_t"):
-        guided_step(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 3), 1.0, 0.5, 0.6)
+    with pytest.raises(ValueError, match="x_T shape"):
+        sample(fn, (2, 3), sch, steps=2, x_T=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="shape"):  # a model output of the wrong shape
+        sample(lambda x, t, d: torch.zeros(x.shape[0], 4), (2, 3), sch, steps=2)
     with pytest.raises(ValueError, match="schedule kind"):
         NoiseSchedule("quadratic")
     with pytest.raises(ValueError, match="t must lie"):

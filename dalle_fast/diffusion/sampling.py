@@ -1,11 +1,11 @@
 """DDPM and DDIM sampling with classifier-free guidance and Imagen's thresholding.
 
-One sampling step (`guided_step`) does: guidance pred = uncond + w (cond - uncond); the x0 estimate;
-thresholding of x0 (dynamic: s = max(1, the p-th percentile of |x0| per sample), x0 = clamp(x0, -s, s) / s;
-static: clamp to [-1, 1]; or none); eps recomputed from the thresholded x0; then the DDIM update
-  x_prev = alpha_prev x0 + sqrt(1 - alpha_bar_prev - c^2) eps + c z,
-  c = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev),
-whose eta = 1 is exactly the DDPM posterior q(x_prev | x_t, x0) (so 'ddpm' is eta = 1).
+Every step is one call of the fused op dalle_fast.ops.diffusion.guided_step: guidance
+pred = uncond + w (cond - uncond), the x0 estimate, thresholding of x0 (dynamic: s = max(1, the p-th
+percentile of |x0| per sample), x0 = clamp(x0, -s, s) / s; static: clamp to [-1, 1]; or none), and the
+DDPM posterior or DDIM update to x_{t-1}, its noise drawn in-kernel (Philox, a seed drawn from the
+caller's generator, the step index as offset). Respaced steps (fewer than the schedule's T) use the
+alpha_bar of the visited steps, so DDPM's posterior is that of the respaced chain.
 
 The conditional and unconditional predictions come from ONE model call on a batch of 2B
 (cfg_batch='pair'): the model selects its learned null condition by a mask, so both halves share
@@ -13,6 +13,7 @@ every kernel launch and weight read. cfg_batch='two' runs two calls of B (the ba
 """
 import torch
 
+from ..ops.diffusion import guided_step
 from .schedule import NoiseSchedule, check_parameterisation
 
 SAMPLERS = ("ddpm", "ddim")
@@ -31,50 +32,6 @@ def check_percentile(p):
     return float(p)
 
 
-def dynamic_threshold(x0, percentile=0.995):
-    """Imagen's dynamic thresholding: s = max(1, quantile(|x0|, percentile) per sample),
-    clamp(x0, -s, s) / s. Plain-torch stand-in until the fused op lands."""
-    check_percentile(percentile)
-    flat = x0.detach().float().abs().flatten(1)
-    s = torch.quantile(flat, percentile, dim=1).clamp(min=1.0).view((-1,) + (1,) * (x0.dim() - 1))
-    s = s.to(x0.dtype)
-    return torch.maximum(torch.minimum(x0, s), -s) / s
-
-
-def guided_step(cond, uncond, x_t, w, alpha_bar_t, alpha_bar_prev, param="eps", threshold="dynamic",
-                percentile=0.995, eta=0.0, noise=None):
-    """x_{t-1} (and the thresholded x0) from one step's predictions; alpha_bar_* are Python floats
-    (every sample of a batch is at the same step). `uncond` may be None (w is then ignored)."""
-    check_parameterisation(param)
-    if threshold not in THRESHOLDS:
-        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
-    if cond.shape != x_t.shape or (uncond is not None and uncond.shape != x_t.shape):
-        raise ValueError(f"predictions {tuple(cond.shape)} / {None if uncond is None else tuple(uncond.shape)} "
-                         f"must match x_t {tuple(x_t.shape)}")
-    pred = cond if uncond is None else uncond + check_guidance(w) * (cond - uncond)
-    a_t, s_t = alpha_bar_t ** 0.5, (1 - alpha_bar_t) ** 0.5
-    if param == "eps":
-        x0 = (x_t - s_t * pred) / a_t
-    elif param == "v":
-        x0 = a_t * x_t - s_t * pred
-    else:
-        x0 = pred
-    if threshold == "dynamic":
-        x0 = dynamic_threshold(x0, percentile)
-    elif threshold == "static":
-        x0 = x0.clamp(-1, 1)
-    eps = (x_t - a_t * x0) / s_t
-    if alpha_bar_prev >= 1.0:
-        return x0, x0
-    c = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
-    x_prev = alpha_bar_prev ** 0.5 * x0 + max(1 - alpha_bar_prev - c * c, 0.0) ** 0.5 * eps
-    if c > 0:
-        if noise is None:
-            raise ValueError("a stochastic step (eta > 0) needs noise")
-        x_prev = x_prev + c * noise
-    return x_prev, x0
-
-
 @torch.no_grad()
 def sample(model_fn, shape, schedule: NoiseSchedule, steps=50, sampler="ddim", eta=None, guidance=1.0,
            param="eps", threshold="dynamic", percentile=0.995, cfg_batch="pair", generator=None,
@@ -90,7 +47,10 @@ def sample(model_fn, shape, schedule: NoiseSchedule, steps=50, sampler="ddim", e
         raise ValueError(f"cfg_batch must be 'pair' or 'two', got {cfg_batch!r}")
     w = check_guidance(guidance)
     check_percentile(percentile)
-    eta = (1.0 if sampler == "ddpm" else 0.0) if eta is None else float(eta)
+    check_parameterisation(param)
+    if threshold not in THRESHOLDS:
+        raise ValueError(f"threshold must be one of {THRESHOLDS}, got {threshold!r}")
+    eta = 0.0 if eta is None else float(eta)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     B = shape[0]
@@ -118,7 +78,7 @@ def sample(model_fn, shape, schedule: NoiseSchedule, steps=50, sampler="ddim", e
             cond, uncond = model_fn(x, tt, keep_cond), model_fn(x, tt, drop_all)
         a_t = float(schedule.alphas_cumprod[t])
         a_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
-        noise = torch.randn(x.shape, generator=generator, device=device) if eta > 0 and t_prev >= 0 else None
-        x, _ = guided_step(cond.float(), None if uncond is None else uncond.float(), x, w, a_t, a_prev,
-                           param=param, threshold=threshold, percentile=percentile, eta=eta, noise=noise)
+        x = guided_step(cond.to(x.dtype), None if uncond is None else uncond.to(x.dtype), x, a_t, a_prev,
+                        guidance=w, parameterization=param, sampler=sampler, eta=eta, threshold=threshold,
+                        percentile=percentile, generator=generator, offset=i)
     return x
