@@ -87,6 +87,9 @@ def run_training(args):
     if device.type != "cpu":
         raise ValueError("the diffusion trainers run on the CPU for now (their frozen encoders are CPU-side)")
     model, batch_loss = build_stage(args)
+    if args.init:  # continue from an exported model's weights (a fresh optimizer and schedule)
+        from ..diffusion.models import load_config_and_weights
+        model.load_state_dict(load_config_and_weights(args.init)[1])
     os.makedirs(args.run, exist_ok=True)
     dataset = open_dataset(args.data, image_size=UPSAMPLER_SIZE, seed=args.seed, length=args.length,
                            split=args.split)
@@ -166,6 +169,7 @@ def _common_args(p, width, lr, steps):
     p.add_argument("--keep-checkpoints", type=int, default=2)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--init", default=None, help="start from the weights of an exported model of the same stage")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of the --steps schedule; --resume continues")
     p.add_argument("--device", default="cpu")
