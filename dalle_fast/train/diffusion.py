@@ -108,8 +108,7 @@ def run_training(args):
     skipped, t_start, step_start = 0, time.perf_counter(), step
     model.train()
     try:
-        stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
-        while step < stop:
+        while step < (min(args.steps, args.stop_at) if args.stop_at else args.steps):
             images, captions = next(batches)
             lr = args.lr * (step + 1) / args.warmup if step < args.warmup else \
                 common.cosine(step - args.warmup, max(1, args.steps - args.warmup), args.lr, args.lr * 0.1)
@@ -134,7 +133,7 @@ def run_training(args):
             bar.update(1, loss=loss.item(), lr=lr)
             if step % args.log_every == 0 or step == args.steps:
                 log.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": norm, "skipped": skipped})
-            if args.ckpt_every and (step % args.ckpt_every == 0 or step in (args.steps, stop)):
+            if args.ckpt_every and (step % args.ckpt_every == 0 or step in (args.steps, args.stop_at)):
                 common.save_training_state(args.run, step, model, ema, opt,
                                            {"stage": args.stage, "data": batches.state(), "total_steps": args.steps},
                                            keep=args.keep_checkpoints)
