@@ -72,7 +72,7 @@ def run_families_demo(out="demo_out", num_images=3, seed=0, steps=25, progress=T
     per_image["dalle"] = (time.perf_counter() - t0) / (len(captions) * num_images)
     for family in ("imagen", "unclip"):
         t0 = time.perf_counter()
-        rows.append(load_pipeline(family).generate(captions, n=num_images, seed=seed, steps=steps,
+        rows.append(load_pipeline(family).generate(captions, n=num_images, seed=seed, steps=steps, up_steps=steps,
                                                    progress=progress))
         per_image[family] = (time.perf_counter() - t0) / (len(captions) * num_images)
     size = max(r.shape[-1] for r in rows)

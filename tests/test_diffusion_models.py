@@ -172,3 +172,12 @@ def test_cli_generate_vary_interpolate(bundle, tmp_path, monkeypatch):
     assert _cli("vary", tmp_path / "missing.png", "--diffusion-dir", bundle) == 2
     assert _cli("generate", "x", "--model", "imagen", "--diffusion-dir", tmp_path / "none") == 2
     assert _cli("generate", "x", "--model", "imagen", "--diffusion-dir", bundle, "-w", -1) == 2
+
+
+def test_families_demo_with_the_bundled_models(tmp_path):
+    from dalle_fast.demo import HELD_OUT, SEEN, run_families_demo
+    path, per_image = run_families_demo(out=str(tmp_path), num_images=1, steps=2, progress=False)
+    from PIL import Image
+    with Image.open(path) as im:
+        assert im.width > 3 * 64 and im.height > len(SEEN + HELD_OUT) * 64
+    assert set(per_image) == {"dalle", "imagen", "unclip"}

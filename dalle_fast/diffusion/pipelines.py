@@ -71,7 +71,8 @@ class Imagen:
             from .text_encoder import load_text_encoder
             text_encoder = load_text_encoder(base.text_encoder or "minilm")
         if text_encoder.dim != base.config.cond_dim:
-            raise ValueError(f"text encoder width {text_encoder.dim} != the base model's cond_dim {base.config.cond_dim}")
+            raise ValueError(f"text encoder width {text_encoder.dim} != the base model's cond_dim "
+                             f"{base.config.cond_dim}")
         self.base, self.upsampler, self.text_encoder = base, upsampler, text_encoder
 
     @classmethod

@@ -40,7 +40,8 @@ class UNetConfig:
     patch: int = 1             # > 1: a space-to-depth stem (pixel_unshuffle), the U-Net runs at image_size / patch
 
     def __post_init__(self):
-        self.mults, self.res_blocks, self.attn_levels = tuple(self.mults), tuple(self.res_blocks), tuple(self.attn_levels)
+        self.mults, self.res_blocks = tuple(self.mults), tuple(self.res_blocks)
+        self.attn_levels = tuple(self.attn_levels)
         if len(self.mults) != len(self.res_blocks):
             raise ValueError(f"mults {self.mults} and res_blocks {self.res_blocks} need one entry per level")
         if self.patch < 1 or self.image_size % (self.patch * 2 ** (len(self.mults) - 1)):

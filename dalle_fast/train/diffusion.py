@@ -193,7 +193,8 @@ def register(subparsers):
     p.add_argument("--p-uncond", type=float, default=0.1, help="classifier-free guidance: condition drop rate")
     _common_args(p, 16, 1e-3, 2000)
     p = subparsers.add_parser("train-upsampler", formatter_class=fmt,
-                              help="train the 32->64 super-resolution diffusion model (noise-conditioning augmentation)")
+                              help="train the 32->64 super-resolution diffusion model "
+                                   "(noise-conditioning augmentation)")
     p.add_argument("--param", default="v", choices=("eps", "v", "x0"))
     p.add_argument("--aug-level", type=float, default=0.2,
                    help="largest noise level (fraction of the schedule) applied to the low-res input in training")
