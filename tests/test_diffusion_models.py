@@ -100,7 +100,7 @@ def test_unclip_pipeline(bundle):
     assert out.shape == (1, 3, 3, 32, 32)
     img = torch.rand(3, 64, 64)
     assert pipe.vary(img, n=2, steps=2, upsample=False).shape == (2, 3, 16, 16)
-    frames = pipe.interpolate(img, torch.rand(3, 64, 64), steps=3, upsample=False)
+    frames = pipe.interpolate(img, torch.rand(3, 64, 64), frames=3, steps=2, upsample=False)
     assert frames.shape == (3, 3, 16, 16)
     with pytest.raises(ValueError, match="image must be"):
         pipe.vary(torch.rand(1, 3, 64, 64))

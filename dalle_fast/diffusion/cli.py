@@ -99,7 +99,7 @@ def _cmd_interpolate(args):
     from .pipelines import UnCLIP
     a, b = _load_image(args.a), _load_image(args.b)
     pipe = UnCLIP.load(args.diffusion_dir)
-    frames = pipe.interpolate(a, b, steps=args.frames, seed=args.seed, **_sample_kw(args))
+    frames = pipe.interpolate(a, b, frames=args.frames, seed=args.seed, **_sample_kw(args))
     row = torch.cat([_resized(a[None], frames), frames, _resized(b[None], frames)])
     image_grid(row, nrow=row.shape[0], captions=["A"] + [""] * args.frames + ["B"], scale=args.scale, path=args.out)
     print(f"wrote {args.out}: A, {args.frames} frames of the slerp from A's CLIP embedding to B's, B")

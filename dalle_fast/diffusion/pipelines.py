@@ -147,14 +147,14 @@ class UnCLIP:
         return self.decode(z, generator=_seeded(seed), **kw)
 
     @torch.no_grad()
-    def interpolate(self, image_a, image_b, steps=5, seed=0, **kw):
-        """`steps` images along the slerp from image_a's CLIP embedding to image_b's (same noise for all)."""
-        if steps < 2:
-            raise ValueError(f"steps must be >= 2, got {steps}")
+    def interpolate(self, image_a, image_b, frames=5, seed=0, **kw):
+        """`frames` images along the slerp from image_a's CLIP embedding to image_b's (same noise for all)."""
+        if not isinstance(frames, int) or frames < 2:
+            raise ValueError(f"frames must be an int >= 2, got {frames!r}")
         za, zb = self.clip.embed_images(torch.stack([image_a, image_b]))
-        z = slerp(za, zb, torch.linspace(0, 1, steps))
+        z = slerp(za, zb, torch.linspace(0, 1, frames))
         # the same starting noise for every frame, so only the embedding changes along the row
-        return torch.cat([self.decode(z[i:i + 1], generator=_seeded(seed), **kw) for i in range(steps)])
+        return torch.cat([self.decode(z[i:i + 1], generator=_seeded(seed), **kw) for i in range(frames)])
 
 
 def load_pipeline(family, directory=None, **kw):
