@@ -11,6 +11,9 @@ SUBCOMMAND_MODULES = [
     "dalle_fast.train.dalle",   # train-dalle
     "dalle_fast.train.clip",    # train-clip
     "dalle_fast.generate",      # generate
+    "dalle_fast.eval.quality",  # eval
+    "dalle_fast.train.diffusion",  # train-diffusion, train-upsampler, train-prior
+    "dalle_fast.diffusion.cli",    # vary, interpolate
 ]
 
 

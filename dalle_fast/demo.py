@@ -55,6 +55,39 @@ def run_text_to_image_demo(out="demo_out", num_images=8, keep=4, seed=0, progres
     return path
 
 
+def run_families_demo(out="demo_out", num_images=3, seed=0, steps=25, progress=True):
+    """The SEEN and HELD_OUT prompts from all three bundled families side by side in one PNG: per prompt
+    a row of DALL-E | Imagen | unCLIP samples (64x64). Returns (path, {family: seconds per image})."""
+    import torch
+    import torch.nn.functional as F
+    from dalle_fast.diffusion import load_pipeline
+    from dalle_fast.generate import generate, load_bundle
+    from dalle_fast.viz import image_grid
+
+    captions = SEEN + HELD_OUT
+    rows, per_image = [], {}
+    t0 = time.perf_counter()
+    model, vae, tokenizer, _ = load_bundle(None)
+    rows.append(generate(model, vae, captions, num_images=num_images, seed=seed, tokenizer=tokenizer).images)
+    per_image["dalle"] = (time.perf_counter() - t0) / (len(captions) * num_images)
+    for family in ("imagen", "unclip"):
+        t0 = time.perf_counter()
+        rows.append(load_pipeline(family).generate(captions, n=num_images, seed=seed, steps=steps, up_steps=steps,
+                                                   progress=progress))
+        per_image[family] = (time.perf_counter() - t0) / (len(captions) * num_images)
+    size = max(r.shape[-1] for r in rows)
+    rows = [r if r.shape[-1] == size else F.interpolate(r.flatten(0, 1), size=size).view(*r.shape[:3], size, size)
+            for r in rows]
+    grid = torch.cat(rows, dim=1)  # (prompts, 3 * num_images, 3, S, S)
+    names = ["DALL-E", "Imagen", "unCLIP"]
+    labels = [(f"{names[j // num_images]}: " + c + (" [held out]" if c in HELD_OUT else "")) if j % num_images == 0
+              else "" for c in captions for j in range(grid.shape[1])]
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "three_families.png")
+    image_grid(grid.flatten(0, 1), nrow=grid.shape[1], captions=labels, scale=2, path=path)
+    return path, per_image
+
+
 def register(subparsers):
     p = subparsers.add_parser("demo", help="train a small dVAE for ~30 s, then text to image with the bundled model")
     p.add_argument("--out", default="demo_out", help="parent directory of the demo's run directory")
@@ -68,6 +101,8 @@ def register(subparsers):
     p.add_argument("--skip-vae", action="store_true", help="only the text-to-image part")
     p.add_argument("-n", "--num-images", type=int, default=8, help="samples per prompt, reranked by CLIP")
     p.add_argument("--keep", type=int, default=4, help="best samples kept per prompt")
+    p.add_argument("--no-families", action="store_true",
+                   help="skip the DALL-E | Imagen | unCLIP comparison (bundled diffusion models)")
     p.set_defaults(func=_main)
 
 
@@ -80,6 +115,12 @@ def _main(args):
     print(f"text to image with the bundled Shapes model ({time.perf_counter() - t0:.0f} s): {grid}")
     print(f"  prompts seen in training: {SEEN}")
     print(f"  held out of training (zero-shot composition): {HELD_OUT}")
+    from dalle_fast.diffusion.pipelines import bundled_diffusion_dir
+    if not args.no_families and os.path.isdir(bundled_diffusion_dir()):
+        t0 = time.perf_counter()
+        path, per_image = run_families_demo(out=args.out, seed=args.seed, progress=not args.no_progress)
+        print(f"the same prompts from DALL-E | Imagen | unCLIP ({time.perf_counter() - t0:.0f} s): {path}")
+        print("  seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in per_image.items()))
     return 0
 
 

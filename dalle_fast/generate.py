@@ -210,6 +210,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _cmd_generate(args):
     from .viz import image_grid
+    if args.model != "dalle":
+        from .diffusion.cli import generate_diffusion
+        return generate_diffusion(args)
     model, vae, tokenizer, clip = load_bundle(args.checkpoint, device=args.device, backend=args.backend,
                                               dtype=DTYPES[args.dtype])
     if args.no_clip:
@@ -253,4 +256,6 @@ def register(subparsers):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--scale", type=int, default=2, help="upscaling of the grid's tiles (nearest)")
     p.add_argument("--out", default="grid.png", help="PNG grid; the single images go in a folder beside it")
+    from .diffusion.cli import add_generate_args
+    add_generate_args(p)
     p.set_defaults(func=_cmd_generate)

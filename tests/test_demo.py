@@ -14,7 +14,8 @@ def test_text_to_image_demo_writes_a_grid_of_every_prompt(tmp_path):
 
 
 def test_demo_command_skip_vae(tmp_path, capsys):
-    assert main(["demo", "--skip-vae", "--no-progress", "-n", "2", "--keep", "1", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--skip-vae", "--no-progress", "-n", "2", "--keep", "1", "--no-families",
+                 "--out", str(tmp_path)]) == 0
     assert (tmp_path / "text_to_image.png").is_file()
     assert "held out of training" in capsys.readouterr().out
 
