@@ -47,10 +47,11 @@ def compressible_parameters(model):
     return out
 
 
-def _clamp_to(x, dtype):
-    """x cast to dtype with +-inf (and overflow) clamped to the format's largest finite value, sign kept."""
+def _clamp_to(x, dtype, parts=1):
+    """x cast to dtype with +-inf (and overflow) clamped to the format's largest finite value / parts, sign
+    kept (parts = world size for a term of a sum over the group, which then cannot overflow)."""
     if dtype in (torch.float16, torch.bfloat16):
-        big = torch.finfo(dtype).max
+        big = torch.finfo(dtype).max / parts
         x = x.clamp(-big, big)  # NaN stays NaN
     return x.to(dtype)
 
@@ -168,10 +169,13 @@ class PowerSGDState:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
         return torch.randn(n, r, generator=g, dtype=self.compute_dtype).to(device)
 
-    def _allreduce_mean(self, flat):
+    def _allreduce_mean(self, flat, dtype=None, prescaled=False):
+        """Mean over the group; prescaled: flat was already divided by the world size (16-bit P and Q are,
+        so that their sum cannot overflow where the mean would not)."""
         self.bytes_sent += flat.numel() * flat.element_size()
         dist.all_reduce(flat, group=self.process_group)
-        return flat.to(self.compute_dtype) / self.world_size
+        flat = flat.to(dtype or self.compute_dtype)
+        return flat if prescaled else flat / self.world_size
 
     @torch.no_grad()
     def allreduce_(self, params, grads):
@@ -187,11 +191,12 @@ class PowerSGDState:
         self.steps += 1
         device = grads[0].device if grads else torch.device("cpu")
         bad = sum(int((~torch.isfinite(g)).sum()) for g in grads if g.is_floating_point())
-        flat = torch.cat([g.reshape(-1).float() for g in plain] +
-                         [torch.tensor([float(bad)], device=device)])
+        wide = torch.float64 if any(g.dtype == torch.float64 for g in plain) else torch.float32  # fp32, fp64 for fp64
+        flat = torch.cat([g.reshape(-1).to(wide) for g in plain] +
+                         [torch.tensor([float(bad)], dtype=wide, device=device)])
         self.elements_dense += sum(g.numel() for g in grads)
         self.elements_sent += flat.numel() - 1
-        flat = self._allreduce_mean(flat)
+        flat = self._allreduce_mean(flat, wide)
         if flat[-1] > 0:
             return self._skip(comp)
         off = 0
@@ -227,9 +232,9 @@ class PowerSGDState:
             mats[shape] = M
             ps.append(torch.bmm(M, Q))
         # all-reduce every P in one collective, in comm_dtype
-        flat = torch.cat([_clamp_to(P, self.comm_dtype).reshape(-1) for P in ps])
+        flat = torch.cat([_clamp_to(P / self.world_size, self.comm_dtype, self.world_size).reshape(-1) for P in ps])
         self.elements_sent += flat.numel()
-        P_all = self._allreduce_mean(flat)
+        P_all = self._allreduce_mean(flat, prescaled=True)
         if not torch.isfinite(P_all).all():
             return self._skip(comp)
         qs, off, hats = [], 0, {}
@@ -238,9 +243,9 @@ class PowerSGDState:
             off += P.numel()
             hats[shape] = Phat
             qs.append(torch.bmm(M.transpose(1, 2), Phat))
-        flat = torch.cat([_clamp_to(Qn, self.comm_dtype).reshape(-1) for Qn in qs])
+        flat = torch.cat([_clamp_to(Qn / self.world_size, self.comm_dtype, self.world_size).reshape(-1) for Qn in qs])
         self.elements_sent += flat.numel()
-        Q_all = self._allreduce_mean(flat)
+        Q_all = self._allreduce_mean(flat, prescaled=True)
         if not torch.isfinite(Q_all).all():
             return self._skip(comp)
         off = 0
