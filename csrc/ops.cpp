@@ -83,4 +83,17 @@ TORCH_LIBRARY(dalle_fast, m) {
   // orthonormal Q column, never NaN (PowerSGD's orthogonalisation, dalle_fast.distributed).
   m.def("householder_qr(Tensor A, float eps) -> Tensor");
   // ---- householder_qr (end) ----
+
+  // ---- resblock_scaling (begin) ----
+  // Per-resblock gradient scaling (the paper's Appendix D; dalle_fast/amp). scales: float32 (num_blocks,),
+  // nonfinite: bool (num_blocks,), both on grad's device; the kernels read scales[block] and set
+  // nonfinite[block] = true on a NaN/Inf (never cleared), so nothing syncs with the host.
+  // out = filter((unscale ? grad / s : grad * s) rounded to dtype), s = scales[block]; the filter sets
+  // NaN/Inf to 0 and flags the block. Entering a branch: unscale=false; leaving it: unscale=true.
+  m.def("resblock_grad_scale(Tensor grad, Tensor scales, Tensor(a!) nonfinite, int block, bool unscale, "
+        "ScalarType dtype) -> Tensor");
+  // grads[i] /= scales[blocks[i]] in place (contiguous tensors, any float dtypes mixed, one call);
+  // nonfinite[blocks[i]] = true where grads[i] holds a NaN/Inf after the division.
+  m.def("resblock_unscale_grads_(Tensor(a!)[] grads, int[] blocks, Tensor scales, Tensor(b!) nonfinite) -> ()");
+  // ---- resblock_scaling (end) ----
 }

@@ -216,6 +216,14 @@ class DALLE(nn.Module):
             yield layer.attn
             yield layer.mlp
 
+    def enable_resblock_scaling(self, scaler):
+        """The paper's per-resblock gradient scaling (dalle_fast.amp): every attention and MLP branch
+        becomes a scaled branch of `scaler` (a ResblockGradScaler with num_blocks = 2 * depth, blocks in
+        resblocks() order). Forward hooks: parameters and state_dict keys are unchanged. Returns the
+        hooks (.remove() undoes it)."""
+        from ..amp import scale_branches
+        return scale_branches(self.resblocks(), scaler)
+
     # ---- inputs ----
     def text_ids(self, text):
         """[PAD] (0) at position i -> the learned padding token num_text_tokens + i."""

@@ -43,15 +43,16 @@ def choose_device(name="auto"):
     return dev
 
 
-def choose_precision(device, precision="auto"):
+def choose_precision(device, precision="auto", allow_cpu_fp16=False):
     """'auto' -> bf16 where the device computes it natively (CUDA with bf16; CPUs whose oneDNN has
     bf16 kernels: AVX512-BF16 or AMX), else fp32. On this project's AVX512-BF16 CPU bf16 autocast
     with channels_last made the dVAE's training step about 2x faster (bench_dvae_train.py).
-    Returns one of 'fp32', 'bf16', 'fp16'."""
+    allow_cpu_fp16: accept fp16 on the CPU (slow, emulated; train-dalle allows it so its per-resblock
+    scaling runs in tests). Returns one of 'fp32', 'bf16', 'fp16'."""
     if precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
+        if precision == "fp16" and device.type == "cpu" and not allow_cpu_fp16:
             raise ValueError("fp16 autocast is for GPUs; use bf16 or fp32 on the CPU")
         return precision
     if device.type == "cuda":
@@ -80,8 +81,16 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def grad_scaler(device, precision):
-    """A GradScaler for fp16 (bf16 and fp32 need none)."""
+def grad_scaler(device, precision, model=None, world_size=1):
+    """fp16 and a model with per-resblock scaling (DALLE.enable_resblock_scaling): the paper's
+    ResblockGradScaler (dalle_fast.amp), one scale per residual branch, already attached to the model;
+    it takes the GradScaler calls (scale, unscale_, step - returning True when it skipped -, update).
+    Otherwise torch's GradScaler for fp16; bf16 and fp32 need none (a disabled GradScaler)."""
+    if precision == "fp16" and hasattr(model, "enable_resblock_scaling"):
+        from ..amp import ResblockGradScaler
+        scaler = ResblockGradScaler(len(list(model.resblocks())), world_size=world_size, device=device)
+        model.enable_resblock_scaling(scaler)
+        return scaler
     return torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
 
 
@@ -236,26 +245,36 @@ class ResumableBatches:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-def save_training_state(run_dir, step, model, ema, optimizer, meta, keep=3, model_state=None, optim_state=None,
-                        ema_state=None, extra_groups=None):
+def save_training_state(run_dir, step, model, ema, optimizer, meta, keep=3, scaler=None, model_state=None,
+                        optim_state=None, ema_state=None, extra_groups=None):
     """Model + EMA + optimizer + RNG states + JSON meta (anything JSON-able: config, data position,
-    counters), written atomically by dalle_fast.checkpoint. model_state / optim_state / ema_state replace
-    model.state_dict() / optimizer.state_dict() / ema.state_dict() (a sharded model's gathered state)."""
+    counters), written atomically by dalle_fast.checkpoint; a ResblockGradScaler's state too.
+    model_state / optim_state / ema_state replace model.state_dict() / optimizer.state_dict() /
+    ema.state_dict() (a sharded model's gathered state); extra_groups: more {file: tensors}."""
     opt_tensors, opt_meta = ckpt.optimizer_state_to_tensors(optimizer, optim_state)
     groups = {"model": model.state_dict() if model_state is None else model_state, "optim": opt_tensors,
               "rng": rng_state_tensors()}
     groups.update(extra_groups or {})  # e.g. PowerSGD's error buffers
     if ema is not None:
         groups["ema"] = ema.state_dict() if ema_state is None else ema_state
+    if _is_resblock_scaler(scaler):
+        groups["scaler"] = scaler.state_dict()
     return ckpt.save_checkpoint(run_dir, step, groups, dict(meta, optim=opt_meta), keep=keep)
 
 
-def load_training_state(ckpt_dir, model, ema, optimizer, device, load=None):
+def _is_resblock_scaler(scaler):
+    from ..amp import ResblockGradScaler
+    return isinstance(scaler, ResblockGradScaler)
+
+
+def load_training_state(ckpt_dir, model, ema, optimizer, device, scaler=None, load=None):
     """Restores what save_training_state wrote; returns its meta. Raises CheckpointError with the
-    file's name on a missing or corrupt file. load(model_state, optim_state) replaces
-    model.load_state_dict + optimizer.load_state_dict (a sharded model loads the full state its way)."""
+    file's name on a missing or corrupt file (or a ResblockGradScaler's state of another model).
+    load(model_state, optim_state) replaces model.load_state_dict + optimizer.load_state_dict (a
+    sharded model loads the full state its way)."""
     groups, meta = ckpt.load_checkpoint(ckpt_dir)
-    for need in ("model", "optim", "rng") + (("ema",) if ema is not None else ()):
+    resblock = _is_resblock_scaler(scaler)
+    for need in ("model", "optim", "rng") + (("ema",) if ema is not None else ()) + (("scaler",) if resblock else ()):
         if need not in groups:
             raise ckpt.CheckpointError(f"checkpoint {ckpt_dir} lacks {need}.safetensors")
     try:
@@ -273,6 +292,11 @@ def load_training_state(ckpt_dir, model, ema, optimizer, device, load=None):
                 state[k] = v.to(device)
     if ema is not None:
         ema.load_state_dict(groups["ema"])
+    if resblock:
+        try:
+            scaler.load_state_dict(groups["scaler"])
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"checkpoint {ckpt_dir}: {e}") from e
     set_rng_state_tensors(groups["rng"])
     meta["_groups"] = groups  # every tensor group, for state kept beside the model (PowerSGD's buffers)
     return meta

@@ -155,8 +155,8 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
     from ..viz import image_grid, plot_curves
 
     torch.manual_seed(args.seed)
-    lead = rank == 0
-    precision = common.choose_precision(device, args.precision)
+    device = common.choose_device(args.device)
+    precision = common.choose_precision(device, args.precision, allow_cpu_fp16=True)
     vae = DiscreteVAE.from_pretrained(args.vae, device=device).eval().requires_grad_(False)
     tokenizer = BPETokenizer.from_file(args.tokenizer, dropout=args.bpe_dropout)
     cfg = build_config(args.preset, tokenizer, vae, dim=args.dim, depth=args.depth, heads=args.heads,
@@ -177,15 +177,16 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
     else:
         encode = lambda x: vae.encode(x.to(device))  # noqa: E731
     batches = common.ResumableBatches(dataset, args.batch_size, seed=args.seed)
+    # fp16: per-resblock scales (dalle_fast.amp), attached to the branches before any wrapping
+    scaler = common.grad_scaler(device, precision, model, world_size=world)
     par = sharding.Parallel(model, shard, device, precision, psgd_rank, replicate, seed=args.seed)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.96), eps=1e-8)
     sched = LRSchedule(args.lr, args.warmup, args.steps, args.schedule, patience=args.patience)
     ema = common.EMA(model, decay=args.ema_decay) if args.ema_decay > 0 else None
-    scaler = common.grad_scaler(device, precision)
     step = 0
     latest = common.ckpt.latest_checkpoint(args.run) if args.resume else None
     if latest:
-        meta = common.load_training_state(latest, model, ema, opt, device,
+        meta = common.load_training_state(latest, model, ema, opt, device, scaler=scaler,
                                           load=lambda m, o: par.load_full_state(opt, m, o))
         if par.powersgd is not None and "powersgd" in meta["_groups"]:
             prefix = f"rank{rank}."
@@ -218,19 +219,23 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 compression_skipped = par.after_backward()
-                scaler.unscale_(opt)
+                nonfinite = scaler.unscale_(opt)  # per-block flags (ResblockGradScaler) or None (GradScaler)
+                if nonfinite is not None and world > 1:  # a block non-finite on any rank skips it everywhere
+                    flags = nonfinite.to(torch.uint8)
+                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                    nonfinite = flags.bool()
                 norm, finite = common.clip_gradients(model.parameters(), args.clip)
                 metrics = torch.stack([loss.detach().float(), text_loss.float(), image_loss.float()])
                 if world > 1:  # the logged loss is the global batch's
                     torch.distributed.all_reduce(metrics)
                     metrics /= world
             loss_v, text_v, image_v = metrics.tolist()
-            if finite and not compression_skipped:
-                scaler.step(opt)
-                sched.observe(loss_v)
+            if finite and not compression_skipped and \
+                    (scaler.step(opt, nonfinite) if nonfinite is not None else scaler.step(opt)) is not True:
+                sched.observe(loss_v)  # a ResblockGradScaler's step returns True when it skipped
             else:
                 skipped += 1
-            scaler.update()
+            scaler.update(nonfinite) if nonfinite is not None else scaler.update()
             step += 1
             if args.max_minutes and step - step_start == 5:
                 # a time-boxed run: shrink the run (and its LR schedule) to what fits in the budget
@@ -248,7 +253,7 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
                 log.log({"step": step, "loss": loss_v, "text_loss": text_v, "image_loss": image_v, "lr": lr,
                          "grad_norm": norm, "skipped": skipped})
             if args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps):
-                _save(args, step, par, model, ema, opt, {"config": cfg.to_dict(), "schedule": sched.state,
+                _save(args, step, par, model, ema, opt, scaler, {"config": cfg.to_dict(), "schedule": sched.state,
                                                          "data": batches.state(), "total_steps": args.steps},
                       lead, world)
             if args.sample_every and sample_caps and lead and shard != "fsdp" and \
@@ -278,7 +283,7 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
                   dtype=torch.float16 if args.export_fp16 else None)
 
 
-def _save(args, step, par, model, ema, opt, meta, lead, world):
+def _save(args, step, par, model, ema, opt, scaler, meta, lead, world):
     """A checkpoint of the full (gathered) state: every rank takes part in the gathering, rank 0 writes."""
     from ..distributed import launch, sharding
     with launch.guard_collectives(f"gathering the checkpoint of step {step}"):
@@ -295,7 +300,7 @@ def _save(args, step, par, model, ema, opt, meta, lead, world):
                 torch.distributed.all_gather_object(gathered, mine)
         extra = {"powersgd": {f"rank{r}.{k}": v for r, d in enumerate(gathered) for k, v in d.items()}}
     if lead:
-        common.save_training_state(args.run, step, model, ema, opt, meta, keep=args.keep_checkpoints,
+        common.save_training_state(args.run, step, model, ema, opt, meta, keep=args.keep_checkpoints, scaler=scaler,
                                    model_state=model_sd, optim_state=optim_sd, ema_state=ema_sd, extra_groups=extra)
     if world > 1:
         with launch.guard_collectives(f"waiting for rank 0 to write the checkpoint of step {step}"):

@@ -1,0 +1,95 @@
+"""Per-resblock gradient scaling kernels (the paper's Appendix D), used by dalle_fast.amp.
+
+resblock_grad_scale: an activation gradient at a residual branch's boundary, multiplied by the
+  block's scale (entering the branch, rounded to the branch's 16-bit dtype) or divided by it
+  (leaving the branch, rounded to the residual stream's dtype), with NaN/Inf set to 0 and the
+  block's flag in `nonfinite` set: one pass, no host sync.
+resblock_unscale_grads_: every parameter gradient of every block divided in place by its block's
+  scale in one call (a list of tensors, mixed dtypes), flagging blocks with non-finite results.
+
+Both ops write into `nonfinite` (flags are only ever set, never cleared) and are not
+differentiable themselves: dalle_fast.amp calls them from the backward of its own autograd
+Functions.
+"""
+import torch
+
+from ..reference import resblock_scaling as ref
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_ops = torch.ops.dalle_fast
+
+reference = ref
+
+
+def _check_state(scales, nonfinite, device, name):
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or scales.dim() != 1:
+        raise TypeError(f"{name}: scales must be a 1-D float32 tensor (one scale per block), got "
+                        f"{getattr(scales, 'dtype', type(scales).__name__)} {tuple(getattr(scales, 'shape', ()))}")
+    if not isinstance(nonfinite, torch.Tensor) or nonfinite.dtype != torch.bool:
+        raise TypeError(f"{name}: nonfinite must be a bool tensor, got {getattr(nonfinite, 'dtype', type(nonfinite))}")
+    if nonfinite.shape != scales.shape:
+        raise ValueError(f"{name}: nonfinite must have one flag per block {tuple(scales.shape)}, got "
+                         f"{tuple(nonfinite.shape)}")
+    if scales.device != device or nonfinite.device != device:
+        raise ValueError(f"{name}: scales and nonfinite must be on the gradients' device {device}, got "
+                         f"{scales.device} and {nonfinite.device}")
+
+
+def _check_block(block, num_blocks, name):
+    if isinstance(block, bool) or not isinstance(block, int):
+        raise TypeError(f"{name}: block must be an int, got {type(block).__name__}")
+    if not 0 <= block < num_blocks:
+        raise ValueError(f"{name}: block must be in [0, {num_blocks}), got {block}")
+
+
+def resblock_grad_scale(grad, scales, nonfinite, block, unscale, dtype=None):
+    """(grad / scales[block] if unscale else grad * scales[block]) in `dtype` (default grad's), NaN/Inf
+    set to 0; sets nonfinite[block] = True when any was. nonfinite is updated in place."""
+    if not isinstance(grad, torch.Tensor) or grad.dtype not in _FLOATS:
+        raise TypeError(f"resblock_grad_scale: grad must be a float tensor, got {getattr(grad, 'dtype', type(grad))}")
+    dtype = grad.dtype if dtype is None else dtype
+    if dtype not in _FLOATS:
+        raise TypeError(f"resblock_grad_scale: dtype must be one of {_FLOATS}, got {dtype}")
+    _check_state(scales, nonfinite, grad.device, "resblock_grad_scale")
+    _check_block(block, scales.numel(), "resblock_grad_scale")
+    return _ops.resblock_grad_scale(grad, scales, nonfinite, block, bool(unscale), dtype)
+
+
+def resblock_unscale_grads_(grads, blocks, scales, nonfinite):
+    """grads[i] /= scales[blocks[i]] in place, in one call; nonfinite[blocks[i]] = True where a result
+    is NaN/Inf. grads: contiguous float tensors on scales' device (dtypes may differ)."""
+    grads, blocks = list(grads), [int(b) for b in blocks]
+    if len(grads) != len(blocks):
+        raise ValueError(f"resblock_unscale_grads_: blocks must give one block per gradient ({len(grads)}), "
+                         f"got {len(blocks)}")
+    _check_state(scales, nonfinite, scales.device, "resblock_unscale_grads_")
+    for i, (g, b) in enumerate(zip(grads, blocks)):
+        if not isinstance(g, torch.Tensor) or g.dtype not in _FLOATS:
+            raise TypeError(f"resblock_unscale_grads_: grads[{i}] must be a float tensor, got "
+                            f"{getattr(g, 'dtype', type(g))}")
+        if g.device != scales.device:
+            raise ValueError(f"resblock_unscale_grads_: grads[{i}] is on {g.device}, scales on {scales.device}")
+        if not g.is_contiguous():
+            raise ValueError(f"resblock_unscale_grads_: grads[{i}] must be contiguous")
+        _check_block(b, scales.numel(), "resblock_unscale_grads_")
+    if grads:
+        _ops.resblock_unscale_grads_(grads, blocks, scales, nonfinite)
+
+
+# ---- fake kernels ----
+
+@torch.library.register_fake("dalle_fast::resblock_grad_scale")
+def _(grad, scales, nonfinite, block, unscale, dtype):
+    torch._check(grad.dtype in _FLOATS, lambda: f"resblock_grad_scale: grad must be a float tensor, got {grad.dtype}")
+    torch._check(scales.dtype == torch.float32, lambda: "resblock_grad_scale: scales must be float32")
+    torch._check(nonfinite.dtype == torch.bool and nonfinite.shape == scales.shape,
+                 lambda: "resblock_grad_scale: nonfinite must be bool with one flag per block")
+    return torch.empty(grad.shape, dtype=dtype, device=grad.device)
+
+
+@torch.library.register_fake("dalle_fast::resblock_unscale_grads_")
+def _(grads, blocks, scales, nonfinite):
+    torch._check(len(grads) == len(blocks), lambda: "resblock_unscale_grads_: one block per gradient")
+    torch._check(nonfinite.dtype == torch.bool and nonfinite.shape == scales.shape,
+                 lambda: "resblock_unscale_grads_: nonfinite must be bool with one flag per block")
+    return None
