@@ -71,7 +71,7 @@ def runs(tmp_path_factory):
     _assets(tmp)
     train_dalle(_args(tmp, "single"))
     two = [_args(tmp, "fsdp", shard="fsdp"), _args(tmp, "ddp", shard="ddp"),
-           _args(tmp, "psgd", shard="ddp", powersgd_rank=2)]
+           _args(tmp, "psgd", shard="ddp", powersgd_rank=2), _args(tmp, "fp16", shard="ddp", precision="fp16")]
     run_local(_worker, 2, (2, [_free_port() for _ in two], two, None), timeout_s=300)
     return tmp
 
@@ -101,6 +101,16 @@ def test_ddp_powersgd_trains(runs):
     assert 0 < summary["powersgd_compression_rate"] < 1
     ckpt = runs / "psgd" / "checkpoints" / "step-00000008" / "powersgd.safetensors"
     assert ckpt.is_file()  # every rank's error buffers, for exact resume
+
+
+def test_ddp_fp16_with_per_resblock_scaler(runs):
+    """DDP in fp16 with dalle_fast.amp's per-resblock scaler (flags all-reduced with MAX across ranks): it
+    trains like fp32 DDP, and every rank's scales are the same (one saved state)."""
+    from dalle_fast.checkpoint import load_safetensors
+    fp16, fp32 = _losses(runs / "fp16"), _losses(runs / "ddp")
+    torch.testing.assert_close(torch.tensor(fp16), torch.tensor(fp32), rtol=2e-2, atol=2e-2)
+    scaler = load_safetensors(str(runs / "fp16" / "checkpoints" / "step-00000008" / "scaler.safetensors"))
+    assert torch.isfinite(scaler["scales"]).all() and scaler["scales"].min() >= 2 * 2 ** 7
 
 
 def test_dead_rank_fails_others_and_resume_matches(runs):

@@ -114,7 +114,10 @@ class PowerSGDState:
         n = len(self.order)
         mine = torch.tensor([self.rank, -self.rank, n, -n], dtype=torch.float64)
         both = mine.clone()
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
+        from .launch import guard_collectives
+        with guard_collectives("PowerSGDState's agreement check (every process must build a PowerSGDState: "
+                               "is a rank running without the hook?)"):
+            dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.process_group)
         if both[0] != -both[1]:
             raise ValueError(f"PowerSGDState: matrix_approximation_rank differs across processes "
                              f"(between {int(-both[1])} and {int(both[0])}); this process has {self.rank}")

@@ -155,7 +155,7 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
     from ..viz import image_grid, plot_curves
 
     torch.manual_seed(args.seed)
-    device = common.choose_device(args.device)
+    lead = rank == 0
     precision = common.choose_precision(device, args.precision, allow_cpu_fp16=True)
     vae = DiscreteVAE.from_pretrained(args.vae, device=device).eval().requires_grad_(False)
     tokenizer = BPETokenizer.from_file(args.tokenizer, dropout=args.bpe_dropout)
