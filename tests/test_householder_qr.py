@@ -104,6 +104,8 @@ def test_fake_cuda_shape():
         a = torch.empty(4, 3968, 64, device="cuda", dtype=torch.bfloat16)
         q = torch.ops.dalle_fast.householder_qr(a, 1e-6)
         assert q.shape == a.shape and q.dtype == a.dtype and q.device.type == "cuda"
+        with pytest.raises(TypeError, match="float64 runs on the CPU only"):
+            dalle_fast.householder_qr(torch.empty(2, 9, 3, device="cuda", dtype=torch.float64))
 
 
 @given(rows=st.integers(0, 6), cols=st.integers(0, 6), dims=st.sampled_from([1, 2, 3, 4]),

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) householder_qr_kernel(
     const acc nonfinite = block_reduce<acc, true>(bad, red);
     acc tail_part = 0;
     if (scale > acc(0)) {
-      const acc inv = acc(1) / scale;
+      const acc inv = reciprocal(scale);
       for (int64_t i = 1 + threadIdx.x; i < len; i += kThreads) tail_part += (x[i] * inv) * (x[i] * inv);
     }
     const acc tail = block_reduce<acc, false>(tail_part, red);
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) householder_qr_kernel(
     if (nonfinite > acc(0)) {
       r.alpha = NAN; r.v0 = 1; r.tau = NAN;
     } else {
-      const acc s0 = scale > acc(0) ? x0 / scale : acc(0);
+      const acc s0 = scale > acc(0) ? x0 * reciprocal(scale) : acc(0);
       r = householder_reflection<acc>(x0, scale, tail + s0 * s0, tail);
     }
     if (threadIdx.x == 0) refl[k] = r;
@@ -113,25 +113,32 @@ __global__ void __launch_bounds__(kThreads) householder_qr_kernel(
 at::Tensor householder_qr_cuda(const at::Tensor& a, double eps) {
   householder_qr_check(a, eps);
   TORCH_CHECK_VALUE(a.is_cuda(), "householder_qr (CUDA): A must be a CUDA tensor");
+  // float64 stays on the CPU: the double kernel's division and square root slow paths cost a ptxas spill,
+  // and PowerSGD orthogonalises fp32 (or 16-bit) P
+  TORCH_CHECK_TYPE(a.scalar_type() != at::kDouble,
+                   "householder_qr (CUDA): A must be float32, float16 or bfloat16 on CUDA (float64: use the CPU)");
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t batch = a.size(0), m = a.size(1), n = a.size(2);
   at::Tensor q = at::empty({batch, m, n}, a.options().memory_format(at::MemoryFormat::Contiguous));
   if (q.numel() == 0) return q;
   TORCH_CHECK_VALUE(batch <= 2147483647LL, "householder_qr: at most 2^31 - 1 matrices per call, got ", batch);
-  const auto acc_dtype = a.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor work = at::empty({2, batch, m, n}, a.options().dtype(acc_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "householder_qr_cuda", [&] {
-    using acc = acc_t<scalar_t>;
-    at::Tensor refl = at::empty({batch * n * static_cast<int64_t>(sizeof(Reflection<acc>))},
-                                a.options().dtype(at::kByte));
-    acc* wp = work.mutable_data_ptr<acc>();
+  at::Tensor work = at::empty({2, batch, m, n}, a.options().dtype(at::kFloat));
+  at::Tensor refl = at::empty({batch * n * static_cast<int64_t>(sizeof(Reflection<float>))},
+                              a.options().dtype(at::kByte));
+  float* wp = work.mutable_data_ptr<float>();
+  auto launch = [&](auto zero) {
+    using scalar_t = decltype(zero);
     householder_qr_kernel<scalar_t><<<static_cast<unsigned>(batch), kThreads, 0,
                                       at::cuda::getCurrentCUDAStream()>>>(
         a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1), a.stride(2), q.mutable_data_ptr<scalar_t>(), wp,
-        wp + batch * m * n, reinterpret_cast<Reflection<acc>*>(refl.mutable_data_ptr<uint8_t>()), m, n,
-        static_cast<acc>(eps));
+        wp + batch * m * n, reinterpret_cast<Reflection<float>*>(refl.mutable_data_ptr<uint8_t>()), m, n,
+        static_cast<float>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  };
+  AT_DISPATCH_SWITCH(a.scalar_type(), "householder_qr_cuda",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { launch(scalar_t(0)); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch(scalar_t(0)); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { launch(scalar_t(0)); }));
   return q;
 }
 

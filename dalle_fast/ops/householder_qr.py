@@ -24,6 +24,8 @@ def householder_qr(a, eps=0.0):
         raise TypeError(f"householder_qr: A must be float32, float64, float16 or bfloat16, got {a.dtype}")
     if a.dim() not in (2, 3):
         raise ValueError(f"householder_qr: A must be (rows, cols) or (batch, rows, cols), got shape {tuple(a.shape)}")
+    if a.device.type == "cuda" and a.dtype == torch.float64:
+        raise TypeError("householder_qr: float64 runs on the CPU only; on CUDA pass float32, float16 or bfloat16")
     if a.shape[-2] < a.shape[-1]:
         raise ValueError(f"householder_qr: A must be tall (rows >= cols), got shape {tuple(a.shape)}; transpose it")
     eps = float(eps)

@@ -19,6 +19,17 @@
 
 namespace dalle_fast {
 
+// 1 / x. On the device the correctly rounded reciprocal intrinsics: a double division there calls a
+// slow-path subroutine whose call frame shows up as a ptxas spill.
+template <typename acc>
+DF_HOST_DEVICE acc reciprocal(acc x) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(acc) == 8) return __drcp_rn(x); else return __frcp_rn(x);
+#else
+  return acc(1) / x;
+#endif
+}
+
 template <typename acc>
 struct Reflection {
   acc alpha;  // R[k, k] before the sign fix
@@ -40,9 +51,9 @@ DF_HOST_DEVICE Reflection<acc> householder_reflection(acc x0, acc scale, acc sum
   const acc norm = scale * sqrt(sumsq);
   r.alpha = x0 >= acc(0) ? -norm : norm;
   r.v0 = x0 - r.alpha;  // |v0| = |x0| + norm: no cancellation
-  const acc s0 = r.v0 / scale;
+  const acc s0 = r.v0 * reciprocal(scale);
   const acc vnorm2_scaled = s0 * s0 + tail;  // ||v||^2 / scale^2
-  r.tau = acc(2) / (vnorm2_scaled * scale * scale);
+  r.tau = acc(2) * reciprocal(vnorm2_scaled * scale * scale);
   return r;
 }
 
