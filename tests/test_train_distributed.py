@@ -143,6 +143,7 @@ def test_dead_rank_fails_others_and_resume_matches(runs):
     (dict(shard="fsdp", powersgd_rank=2), {"WORLD_SIZE": "2", "RANK": "0"}, "needs --replicate"),
     (dict(shard="none", powersgd_rank=0), {}, "--powersgd-rank must be >= 1"),
     (dict(shard="ddp"), {"WORLD_SIZE": "2", "RANK": "2"}, "RANK < WORLD_SIZE"),
+    (dict(shard="fsdp", precision="fp16"), {"WORLD_SIZE": "2", "RANK": "0"}, "fp16 with --shard fsdp"),
 ])
 def test_bad_launch_arguments(tmp_path, monkeypatch, kw, env, match):
     from dalle_fast.train.dalle import train_dalle

@@ -134,7 +134,7 @@ def train_dalle(args):
     shard = getattr(args, "shard", "none")
     psgd_rank, replicate = getattr(args, "powersgd_rank", None), getattr(args, "replicate", None)
     rank, world, local = launch.env_world()
-    sharding.check_world(shard, world, replicate, args.batch_size, psgd_rank)
+    sharding.check_world(shard, world, replicate, args.batch_size, psgd_rank, args.precision)
     device = common.choose_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
