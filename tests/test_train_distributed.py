@@ -152,3 +152,11 @@ def test_bad_launch_arguments(tmp_path, monkeypatch, kw, env, match):
     with pytest.raises(ValueError, match=match):
         train_dalle(_args(tmp_path, "bad", **kw))
     assert not (tmp_path / "bad").exists()  # nothing written, nothing lost
+
+
+def test_fsdp_2d_mesh_powersgd_matches_ddp_powersgd(runs):
+    """The paper's layout on a (replicate 2, shard 1) mesh: FSDP2 on the shard dimension, PowerSGD at rank 2
+    on the local shards across the replicate dimension gives DDP + PowerSGD's losses (same Q, same buffers)."""
+    args = [_args(runs, "fsdp2d", shard="fsdp", replicate=2, powersgd_rank=2)]
+    run_local(_worker, 2, (2, [_free_port()], args, None), timeout_s=240)
+    torch.testing.assert_close(_losses(runs / "fsdp2d"), _losses(runs / "psgd"), rtol=1e-3, atol=1e-4)
