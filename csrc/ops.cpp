@@ -93,6 +93,14 @@ TORCH_LIBRARY(dalle_fast, m) {
         "float eps, float scale) -> Tensor");
   // ---- transformer_decode_step (end) ----
 
+  // ---- householder_qr (begin) ----
+  // A (batch, rows, cols), rows >= cols: Q (batch, rows, cols) with orthonormal columns, the thin Q of
+  // A + eps * I (eps on the first cols diagonal entries) by Householder reflections, R's diagonal made
+  // non-negative; computed in fp32 (fp64 for fp64), stored in A's dtype. A zero column gives an
+  // orthonormal Q column, never NaN (PowerSGD's orthogonalisation, dalle_fast.distributed).
+  m.def("householder_qr(Tensor A, float eps) -> Tensor");
+  // ---- householder_qr (end) ----
+
   // ---- resblock_scaling (begin) ----
   // Per-resblock gradient scaling (the paper's Appendix D; dalle_fast/amp). scales: float32 (num_blocks,),
   // nonfinite: bool (num_blocks,), both on grad's device; the kernels read scales[block] and set

@@ -11,6 +11,7 @@ backends = _extension.backends
 
 from .ops.diffusion import dynamic_threshold, guided_step  # noqa: E402
 from .ops.gumbel_softmax import gumbel_softmax, one_hot_argmax  # noqa: E402
+from .ops.householder_qr import householder_qr  # noqa: E402
 from .ops.logit_laplace import logit_laplace_loss, map_pixels, unmap_pixels  # noqa: E402
 from .ops.sparse_attention import (  # noqa: E402
     attention_mask, attention_schedule, sparse_attention, sparse_attention_decode)
@@ -18,5 +19,5 @@ from .ops.sparse_attention import (  # noqa: E402
 __all__ = [
     "gumbel_softmax", "one_hot_argmax", "logit_laplace_loss", "map_pixels", "unmap_pixels",
     "attention_mask", "attention_schedule", "sparse_attention", "sparse_attention_decode",
-    "dynamic_threshold", "guided_step", "backends", "__version__",
+    "dynamic_threshold", "guided_step", "householder_qr", "backends", "__version__",
 ]

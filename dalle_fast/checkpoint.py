@@ -82,9 +82,9 @@ def load_safetensors(path, device="cpu"):
         raise CheckpointError(f"cannot read safetensors file {path}: {e}") from e
 
 
-def optimizer_state_to_tensors(optimizer):
-    """(tensors, json_meta) for optimizer.state_dict(): tensors flattened as 'state.<i>.<key>'."""
-    sd = optimizer.state_dict()
+def optimizer_state_to_tensors(optimizer, state_dict=None):
+    """(tensors, json_meta) for optimizer.state_dict() (or the given one): tensors flattened as 'state.<i>.<key>'."""
+    sd = optimizer.state_dict() if state_dict is None else state_dict
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for key, val in st.items():

@@ -103,9 +103,14 @@ def clip_gradients(parameters, max_norm):
     if max_norm:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))
-    norm = float(norm)
+        norm = torch.linalg.vector_norm(torch.stack([_full(p.grad.detach().float().norm()) for p in params]))
+    norm = float(_full(norm))
     return norm, math.isfinite(norm)
+
+
+def _full(t):
+    """A sharded (DTensor) value gathered, e.g. the gradient norm of an FSDP2 model."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 # ---- EMA -----------------------------------------------------------------------------------------
@@ -137,7 +142,11 @@ class EMA:
         if missing:
             raise ckpt.CheckpointError(f"EMA checkpoint lacks {sorted(missing)[:5]}")
         for k in self.shadow:
-            self.shadow[k].copy_(tensors[k])
+            if hasattr(self.shadow[k], "device_mesh"):  # a sharded model's EMA (FSDP2): shard the full tensor
+                from ..distributed.sharding import load_full_into
+                load_full_into(self.shadow[k], tensors[k])
+            else:
+                self.shadow[k].copy_(tensors[k])
 
     @torch.no_grad()
     def copy_to(self, model):
@@ -236,13 +245,18 @@ class ResumableBatches:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-def save_training_state(run_dir, step, model, ema, optimizer, meta, keep=3, scaler=None):
+def save_training_state(run_dir, step, model, ema, optimizer, meta, keep=3, scaler=None, model_state=None,
+                        optim_state=None, ema_state=None, extra_groups=None):
     """Model + EMA + optimizer + RNG states + JSON meta (anything JSON-able: config, data position,
-    counters), written atomically by dalle_fast.checkpoint; a ResblockGradScaler's state too."""
-    opt_tensors, opt_meta = ckpt.optimizer_state_to_tensors(optimizer)
-    groups = {"model": model.state_dict(), "optim": opt_tensors, "rng": rng_state_tensors()}
+    counters), written atomically by dalle_fast.checkpoint; a ResblockGradScaler's state too.
+    model_state / optim_state / ema_state replace model.state_dict() / optimizer.state_dict() /
+    ema.state_dict() (a sharded model's gathered state); extra_groups: more {file: tensors}."""
+    opt_tensors, opt_meta = ckpt.optimizer_state_to_tensors(optimizer, optim_state)
+    groups = {"model": model.state_dict() if model_state is None else model_state, "optim": opt_tensors,
+              "rng": rng_state_tensors()}
+    groups.update(extra_groups or {})  # e.g. PowerSGD's error buffers
     if ema is not None:
-        groups["ema"] = ema.state_dict()
+        groups["ema"] = ema.state_dict() if ema_state is None else ema_state
     if _is_resblock_scaler(scaler):
         groups["scaler"] = scaler.state_dict()
     return ckpt.save_checkpoint(run_dir, step, groups, dict(meta, optim=opt_meta), keep=keep)
@@ -253,22 +267,28 @@ def _is_resblock_scaler(scaler):
     return isinstance(scaler, ResblockGradScaler)
 
 
-def load_training_state(ckpt_dir, model, ema, optimizer, device, scaler=None):
+def load_training_state(ckpt_dir, model, ema, optimizer, device, scaler=None, load=None):
     """Restores what save_training_state wrote; returns its meta. Raises CheckpointError with the
-    file's name on a missing or corrupt file (or a ResblockGradScaler's state of another model)."""
+    file's name on a missing or corrupt file (or a ResblockGradScaler's state of another model).
+    load(model_state, optim_state) replaces model.load_state_dict + optimizer.load_state_dict (a
+    sharded model loads the full state its way)."""
     groups, meta = ckpt.load_checkpoint(ckpt_dir)
     resblock = _is_resblock_scaler(scaler)
     for need in ("model", "optim", "rng") + (("ema",) if ema is not None else ()) + (("scaler",) if resblock else ()):
         if need not in groups:
             raise ckpt.CheckpointError(f"checkpoint {ckpt_dir} lacks {need}.safetensors")
     try:
-        model.load_state_dict(groups["model"])
-        optimizer.load_state_dict(ckpt.optimizer_state_from_tensors(groups["optim"], meta["optim"]))
+        optim_state = ckpt.optimizer_state_from_tensors(groups["optim"], meta["optim"])
+        if load is not None:
+            load(groups["model"], optim_state)
+        else:
+            model.load_state_dict(groups["model"])
+            optimizer.load_state_dict(optim_state)
     except (RuntimeError, KeyError, ValueError) as e:
         raise ckpt.CheckpointError(f"checkpoint {ckpt_dir} does not match this model/optimizer: {e}") from e
     for state in optimizer.state.values():  # optimizer tensors were loaded on the CPU
         for k, v in state.items():
-            if torch.is_tensor(v) and k != "step":
+            if torch.is_tensor(v) and k != "step" and v.device != device and not hasattr(v, "device_mesh"):
                 state[k] = v.to(device)
     if ema is not None:
         ema.load_state_dict(groups["ema"])
@@ -278,6 +298,7 @@ def load_training_state(ckpt_dir, model, ema, optimizer, device, scaler=None):
         except ValueError as e:
             raise ckpt.CheckpointError(f"checkpoint {ckpt_dir}: {e}") from e
     set_rng_state_tensors(groups["rng"])
+    meta["_groups"] = groups  # every tensor group, for state kept beside the model (PowerSGD's buffers)
     return meta
 
 

@@ -126,15 +126,36 @@ def export(run_dir, model, ema, tokenizer_path, vae_dir, dtype=None):
 
 
 def train_dalle(args):
-    """args: the namespace of `dalle-fast train-dalle` (see register). Returns the export directory."""
+    """args: the namespace of `dalle-fast train-dalle` (see register). Returns the export directory.
+    Under torchrun (WORLD_SIZE > 1) every process runs this: --batch-size is the global batch, each rank
+    trains on its slice of it, and rank 0 writes logs, checkpoints, samples and the export."""
+    from ..distributed import launch, sharding
+
+    shard = getattr(args, "shard", "none")
+    psgd_rank, replicate = getattr(args, "powersgd_rank", None), getattr(args, "replicate", None)
+    rank, world, local = launch.env_world()
+    sharding.check_world(shard, world, replicate, args.batch_size, psgd_rank, args.precision)
+    device = common.choose_device(args.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+    launch.init_from_env(device.type, timeout_s=getattr(args, "dist_timeout", 300.0))
+    try:
+        return _train(args, rank, world, device, shard, psgd_rank, replicate)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, rank, world, device, shard, psgd_rank, replicate):
     from ..data import open_dataset
+    from ..distributed import launch, sharding
     from ..models.dalle import DALLE
     from ..models.dvae import DiscreteVAE
     from ..tokenizer import BPETokenizer
     from ..viz import image_grid, plot_curves
 
     torch.manual_seed(args.seed)
-    device = common.choose_device(args.device)
+    lead = rank == 0
     precision = common.choose_precision(device, args.precision, allow_cpu_fp16=True)
     vae = DiscreteVAE.from_pretrained(args.vae, device=device).eval().requires_grad_(False)
     tokenizer = BPETokenizer.from_file(args.tokenizer, dropout=args.bpe_dropout)
@@ -146,78 +167,144 @@ def train_dalle(args):
     dataset = open_dataset(args.data, image_size=vae.image_size, seed=args.seed, length=args.length,
                            split=args.split)
     if args.cache_tokens and not isinstance(dataset, torch.utils.data.IterableDataset):
+        if world > 1:  # rank 0 builds the cache, the others read it
+            if lead:
+                TokenCache.build(dataset, vae, os.path.join(args.run, "token_cache"), device=device)
+            with launch.guard_collectives("waiting for rank 0's token cache"):
+                torch.distributed.barrier()
         dataset = TokenCache.build(dataset, vae, os.path.join(args.run, "token_cache"), device=device)
         encode = lambda x: x.long().to(device)  # noqa: E731
     else:
         encode = lambda x: vae.encode(x.to(device))  # noqa: E731
     batches = common.ResumableBatches(dataset, args.batch_size, seed=args.seed)
+    # fp16: per-resblock scales (dalle_fast.amp), attached to the branches before any wrapping
+    scaler = common.grad_scaler(device, precision, model, world_size=world)
+    par = sharding.Parallel(model, shard, device, precision, psgd_rank, replicate, seed=args.seed)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.96), eps=1e-8)
     sched = LRSchedule(args.lr, args.warmup, args.steps, args.schedule, patience=args.patience)
     ema = common.EMA(model, decay=args.ema_decay) if args.ema_decay > 0 else None
-    scaler = common.grad_scaler(device, precision, model)  # fp16: per-resblock scales (dalle_fast.amp)
     step = 0
     latest = common.ckpt.latest_checkpoint(args.run) if args.resume else None
     if latest:
-        meta = common.load_training_state(latest, model, ema, opt, device, scaler=scaler)
+        meta = common.load_training_state(latest, model, ema, opt, device, scaler=scaler,
+                                          load=lambda m, o: par.load_full_state(opt, m, o))
+        if par.powersgd is not None and "powersgd" in meta["_groups"]:
+            prefix = f"rank{rank}."
+            par.powersgd.load_state_dict({k[len(prefix):]: v.to(device) for k, v in meta["_groups"]["powersgd"].items()
+                                          if k.startswith(prefix)})
         step, sched.state = meta["step"], meta["schedule"]
         args.steps = sched.total = meta.get("total_steps", args.steps)
         batches.load_state(meta["data"])
     log = common.MetricLog(args.run, ["step", "loss", "text_loss", "image_loss", "lr", "grad_norm", "skipped"],
-                           resume_step=step if latest else None)
-    bar = common.Progress(args.steps, initial=step, enabled=not args.quiet, desc="train-dalle")
+                           resume_step=step if latest else None) if lead else None
+    bar = common.Progress(args.steps, initial=step, enabled=lead and not args.quiet, desc="train-dalle")
     skipped = 0
     sample_caps = args.sample_captions or [c for _, c in (dataset[i] for i in range(min(4, len(dataset))))] \
         if not isinstance(dataset, torch.utils.data.IterableDataset) else args.sample_captions
+    local_batch = args.batch_size // world
     model.train()
     t_start, step_start = time.perf_counter(), step
     try:
         while step < args.steps:
             images, captions = next(batches)
-            image_tokens = encode(images)
-            text = tokenizer.tokenize(captions, cfg.text_len, training=True).to(device)
+            lo, hi = rank * local_batch, (rank + 1) * local_batch
+            image_tokens = encode(images[lo:hi])
+            text = tokenizer.tokenize(captions[lo:hi], cfg.text_len, training=True).to(device)
             lr = sched(step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with common.autocast(device, precision):
-                loss, text_loss, image_loss = model(text, image_tokens, return_loss=True)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            norm, finite = common.clip_gradients(model.parameters(), args.clip)
-            if finite and scaler.step(opt) is not True:  # a ResblockGradScaler returns True when it skipped
-                sched.observe(loss.item())
+            with launch.guard_collectives(f"training step {step + 1}"):
+                with common.autocast(device, precision):
+                    loss, text_loss, image_loss = par.model(text, image_tokens, return_loss=True)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                compression_skipped = par.after_backward()
+                nonfinite = scaler.unscale_(opt)  # per-block flags (ResblockGradScaler) or None (GradScaler)
+                if nonfinite is not None and world > 1:  # a block non-finite on any rank skips it everywhere
+                    flags = nonfinite.to(torch.uint8)
+                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                    nonfinite = flags.bool()
+                norm, finite = common.clip_gradients(model.parameters(), args.clip)
+                metrics = torch.stack([loss.detach().float(), text_loss.float(), image_loss.float()])
+                if world > 1:  # the logged loss is the global batch's
+                    torch.distributed.all_reduce(metrics)
+                    metrics /= world
+            loss_v, text_v, image_v = metrics.tolist()
+            if finite and not compression_skipped and \
+                    (scaler.step(opt, nonfinite) if nonfinite is not None else scaler.step(opt)) is not True:
+                sched.observe(loss_v)  # a ResblockGradScaler's step returns True when it skipped
             else:
                 skipped += 1
-            scaler.update()
+            scaler.update(nonfinite) if nonfinite is not None else scaler.update()
             step += 1
             if args.max_minutes and step - step_start == 5:
                 # a time-boxed run: shrink the run (and its LR schedule) to what fits in the budget
                 per_step = (time.perf_counter() - t_start) / 5
                 fit = step + int((args.max_minutes * 60 - (time.perf_counter() - t_start)) / per_step)
-                args.steps = sched.total = max(step, min(args.steps, fit))
+                fit = torch.tensor(max(step, min(args.steps, fit)))
+                if world > 1:  # every rank must stop at the same step
+                    torch.distributed.all_reduce(fit, op=torch.distributed.ReduceOp.MIN)
+                args.steps = sched.total = int(fit)
                 bar.bar.total = args.steps
             if ema is not None and step % args.ema_every == 0:
                 ema.update(model, step)
-            bar.update(1, loss=loss.item(), img=float(image_loss), lr=lr)
-            if step % args.log_every == 0 or step == args.steps:
-                log.log({"step": step, "loss": loss.item(), "text_loss": float(text_loss),
-                         "image_loss": float(image_loss), "lr": lr, "grad_norm": norm, "skipped": skipped})
+            bar.update(1, loss=loss_v, img=image_v, lr=lr)
+            if lead and (step % args.log_every == 0 or step == args.steps):
+                log.log({"step": step, "loss": loss_v, "text_loss": text_v, "image_loss": image_v, "lr": lr,
+                         "grad_norm": norm, "skipped": skipped})
             if args.ckpt_every and (step % args.ckpt_every == 0 or step == args.steps):
-                common.save_training_state(args.run, step, model, ema, opt,
-                                           {"config": cfg.to_dict(), "schedule": sched.state,
-                                            "data": batches.state(), "total_steps": args.steps},
-                                           keep=args.keep_checkpoints, scaler=scaler)
-            if args.sample_every and sample_caps and (step % args.sample_every == 0 or step == args.steps):
+                _save(args, step, par, model, ema, opt, scaler, {"config": cfg.to_dict(), "schedule": sched.state,
+                                                         "data": batches.state(), "total_steps": args.steps},
+                      lead, world)
+            if args.sample_every and sample_caps and lead and shard != "fsdp" and \
+                    (step % args.sample_every == 0 or step == args.steps):
                 _sample_grid(model, vae, tokenizer, sample_caps, os.path.join(args.run, "samples",
                                                                               f"step-{step:08d}.png"), image_grid)
                 model.train()
     finally:
         bar.close()
-    log.write_json({"steps": step, "final_loss": log.rows[-1]["loss"] if log.rows else None, "skipped": skipped})
+    model_sd, _ = par.full_state(opt) if shard == "fsdp" else (None, None)
+    ema_sd = {k: sharding.full_tensor(v) for k, v in ema.state_dict().items()} if ema is not None and \
+        shard == "fsdp" else None
+    if not lead:
+        return os.path.join(args.run, "export")
+    log.write_json({"steps": step, "final_loss": log.rows[-1]["loss"] if log.rows else None, "skipped": skipped,
+                    "world_size": world, "shard": shard,
+                    "powersgd_compression_rate": par.powersgd.compression_rate() if par.powersgd else None})
     if log.rows:
         plot_curves(log.rows, ["loss", "text_loss", "image_loss", "lr"], os.path.join(args.run, "curves.png"))
+    if shard == "fsdp":  # an unsharded copy for the export
+        plain = DALLE(cfg, vae=vae)
+        plain.load_state_dict(model_sd)
+        if ema_sd is not None:
+            plain.load_state_dict({k: ema_sd.get(k, v) for k, v in plain.state_dict().items()})
+        model, ema = plain, None
     return export(args.run, model, ema, args.tokenizer, args.vae,
                   dtype=torch.float16 if args.export_fp16 else None)
+
+
+def _save(args, step, par, model, ema, opt, scaler, meta, lead, world):
+    """A checkpoint of the full (gathered) state: every rank takes part in the gathering, rank 0 writes."""
+    from ..distributed import launch, sharding
+    with launch.guard_collectives(f"gathering the checkpoint of step {step}"):
+        model_sd, optim_sd = par.full_state(opt)
+        ema_sd = {k: sharding.full_tensor(v) for k, v in ema.state_dict().items()} if ema is not None else None
+    # PowerSGD's error buffers differ per rank: gathered to rank 0, saved as rank<r>.<name> (resume under N exactly)
+    extra = {}
+    if par.powersgd is not None:
+        mine = {k: v.cpu() for k, v in par.powersgd.state_dict().items()}
+        gathered = [mine]
+        if world > 1:
+            gathered = [None] * world
+            with launch.guard_collectives(f"gathering PowerSGD's error buffers of step {step}"):
+                torch.distributed.all_gather_object(gathered, mine)
+        extra = {"powersgd": {f"rank{r}.{k}": v for r, d in enumerate(gathered) for k, v in d.items()}}
+    if lead:
+        common.save_training_state(args.run, step, model, ema, opt, meta, keep=args.keep_checkpoints, scaler=scaler,
+                                   model_state=model_sd, optim_state=optim_sd, ema_state=ema_sd, extra_groups=extra)
+    if world > 1:
+        with launch.guard_collectives(f"waiting for rank 0 to write the checkpoint of step {step}"):
+            torch.distributed.barrier()
 
 
 @torch.no_grad()
@@ -265,6 +352,14 @@ def register(subparsers):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--export-fp16", action="store_true", help="export the weights in fp16 (half the size)")
+    p.add_argument("--shard", default="none", choices=("none", "ddp", "fsdp"),
+                   help="data parallelism under torchrun: DDP, FSDP2 (fully_shard per residual branch), or none")
+    p.add_argument("--powersgd-rank", type=int, default=None,
+                   help="PowerSGD gradient compression at this rank (DDP; FSDP with --replicate)")
+    p.add_argument("--replicate", type=int, default=None,
+                   help="FSDP on a (replicate, world / replicate) mesh: shard within a group, replicate across")
+    p.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds a collective waits for the other processes before failing")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

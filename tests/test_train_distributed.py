@@ -1,0 +1,162 @@
+"""`dalle-fast train-dalle` in 2 gloo processes (spawned as torchrun would start them: RANK, WORLD_SIZE,
+MASTER_ADDR/PORT in the environment): FSDP2 and DDP losses equal one process's, DDP + PowerSGD trains, a rank
+that dies makes the other fail with a clear error within the timeout, and a 2-process FSDP run killed after
+its step-4 checkpoint and resumed under 2 processes ends with the weights of the uninterrupted run."""
+import csv
+import os
+import socket
+import sys
+
+import pytest
+import torch
+
+from dalle_fast.distributed.launch import run_local
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_dalle import _train_args  # noqa: E402
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run):
+    with open(os.path.join(run, "metrics.csv")) as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def _assets(tmp_path):
+    from dalle_fast.data.shapes import Shapes
+    from dalle_fast.models.dvae import DiscreteVAE, DVAEConfig
+    from dalle_fast.tokenizer import BPETokenizer
+    torch.manual_seed(0)
+    DiscreteVAE(DVAEConfig.tiny()).save_pretrained(tmp_path / "vae")
+    BPETokenizer.train(list(Shapes(200).captions()), vocab_size=100).save(tmp_path / "tok.json")
+
+
+def _worker(rank, world, ports, runs, die):
+    """Runs train_dalle once per (args, die_at) in runs; die = (run index, update call) at which rank 1 stops
+    dead (os._exit(0), as a killed process: no exception, no cleanup)."""
+    torch.set_num_threads(1)
+    from dalle_fast.train import common
+    from dalle_fast.train.dalle import train_dalle
+    for i, args in enumerate(runs):
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(ports[i]))
+        if die is not None and die[0] == i and rank == 1:
+            calls = {"n": 0}
+            real = common.Progress.update
+
+            def update(self, n=1, **kw):
+                calls["n"] += 1
+                if calls["n"] == die[1]:
+                    os._exit(0)
+                return real(self, n, **kw)
+            common.Progress.update = update
+        train_dalle(args)
+
+
+def _args(tmp_path, name, **kw):
+    return _train_args(tmp_path, run=str(tmp_path / name), dist_timeout=30.0, **kw)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 1-process run and one 2-process launch holding FSDP, DDP and DDP + PowerSGD runs (spawns cost
+    seconds each, so they share)."""
+    from dalle_fast.train.dalle import train_dalle
+    tmp = tmp_path_factory.mktemp("dist")
+    _assets(tmp)
+    train_dalle(_args(tmp, "single"))
+    two = [_args(tmp, "fsdp", shard="fsdp"), _args(tmp, "ddp", shard="ddp"),
+           _args(tmp, "psgd", shard="ddp", powersgd_rank=2), _args(tmp, "fp16", shard="ddp", precision="fp16")]
+    run_local(_worker, 2, (2, [_free_port() for _ in two], two, None), timeout_s=300)
+    return tmp
+
+
+def test_fsdp_and_ddp_losses_match_one_process(runs):
+    single = _losses(runs / "single")
+    assert len(single) == 8
+    for mode in ("fsdp", "ddp"):
+        torch.testing.assert_close(_losses(runs / mode), single, rtol=1e-4, atol=1e-5, msg=mode)
+
+
+def test_fsdp_export_loads_in_one_process(runs):
+    from dalle_fast.models.dalle import DALLE
+    a = DALLE.from_pretrained(str(runs / "fsdp" / "export" / "dalle"))
+    b = DALLE.from_pretrained(str(runs / "single" / "export" / "dalle"))
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_ddp_powersgd_trains(runs):
+    import json
+    psgd, ddp = _losses(runs / "psgd"), _losses(runs / "ddp")
+    assert all(torch.isfinite(torch.tensor(psgd)))
+    assert sum(psgd[-3:]) / 3 <= 1.1 * sum(ddp[-3:]) / 3  # 8 steps at rank 2: stated margin 10%
+    with open(runs / "psgd" / "metrics.json") as f:
+        summary = json.load(f)["summary"]
+    assert 0 < summary["powersgd_compression_rate"] < 1
+    ckpt = runs / "psgd" / "checkpoints" / "step-00000008" / "powersgd.safetensors"
+    assert ckpt.is_file()  # every rank's error buffers, for exact resume
+
+
+def test_ddp_fp16_with_per_resblock_scaler(runs):
+    """DDP in fp16 with dalle_fast.amp's per-resblock scaler (flags all-reduced with MAX across ranks): it
+    trains like fp32 DDP, and every rank's scales are the same (one saved state)."""
+    from dalle_fast.checkpoint import load_safetensors
+    fp16, fp32 = _losses(runs / "fp16"), _losses(runs / "ddp")
+    torch.testing.assert_close(torch.tensor(fp16), torch.tensor(fp32), rtol=2e-2, atol=2e-2)
+    scaler = load_safetensors(str(runs / "fp16" / "checkpoints" / "step-00000008" / "scaler.safetensors"))
+    assert torch.isfinite(scaler["scales"]).all() and scaler["scales"].min() >= 2 * 2 ** 7
+
+
+def test_dead_rank_fails_others_and_resume_matches(runs):
+    """Rank 1 stops dead after step 6 (a kill); rank 0 must fail with PeerFailureError, not hang. Resuming
+    under 2 processes from the step-4 checkpoint ends with the uninterrupted FSDP run's weights."""
+    import time
+    from dalle_fast.models.dalle import DALLE
+    from dalle_fast.train import common
+    args = [_args(runs, "killed", shard="fsdp")]
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as err:
+        run_local(_worker, 2, (2, [_free_port()], args, (0, 6)), timeout_s=240)
+    assert "PeerFailureError" in str(err.value) and "another process died" in str(err.value), str(err.value)[-2000:]
+    assert time.monotonic() - t0 < 200
+    assert common.ckpt.latest_checkpoint(str(runs / "killed")).endswith("step-00000004")
+    resume = [_args(runs, "killed", shard="fsdp", resume=True)]
+    run_local(_worker, 2, (2, [_free_port()], resume, None), timeout_s=240)
+    a = DALLE.from_pretrained(str(runs / "fsdp" / "export" / "dalle"))
+    b = DALLE.from_pretrained(str(runs / "killed" / "export" / "dalle"))
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert _losses(runs / "killed") == _losses(runs / "fsdp")
+
+
+@pytest.mark.parametrize("kw, env, match", [
+    (dict(shard="none"), {"WORLD_SIZE": "2", "RANK": "0"}, "--shard none runs one process"),
+    (dict(shard="ddp", batch_size=3), {"WORLD_SIZE": "2", "RANK": "0"}, "--batch-size"),
+    (dict(shard="ddp", replicate=2), {"WORLD_SIZE": "2", "RANK": "0"}, "--replicate"),
+    (dict(shard="fsdp", replicate=3), {"WORLD_SIZE": "2", "RANK": "0"}, "--replicate must divide"),
+    (dict(shard="fsdp", powersgd_rank=2), {"WORLD_SIZE": "2", "RANK": "0"}, "needs --replicate"),
+    (dict(shard="none", powersgd_rank=0), {}, "--powersgd-rank must be >= 1"),
+    (dict(shard="ddp"), {"WORLD_SIZE": "2", "RANK": "2"}, "RANK < WORLD_SIZE"),
+    (dict(shard="fsdp", precision="fp16"), {"WORLD_SIZE": "2", "RANK": "0"}, "fp16 with --shard fsdp"),
+])
+def test_bad_launch_arguments(tmp_path, monkeypatch, kw, env, match):
+    from dalle_fast.train.dalle import train_dalle
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        train_dalle(_args(tmp_path, "bad", **kw))
+    assert not (tmp_path / "bad").exists()  # nothing written, nothing lost
+
+
+def test_fsdp_2d_mesh_powersgd_matches_ddp_powersgd(runs):
+    """The paper's layout on a (replicate 2, shard 1) mesh: FSDP2 on the shard dimension, PowerSGD at rank 2
+    on the local shards across the replicate dimension gives DDP + PowerSGD's losses (same Q, same buffers)."""
+    args = [_args(runs, "fsdp2d", shard="fsdp", replicate=2, powersgd_rank=2)]
+    run_local(_worker, 2, (2, [_free_port()], args, None), timeout_s=240)
+    torch.testing.assert_close(_losses(runs / "fsdp2d"), _losses(runs / "psgd"), rtol=1e-3, atol=1e-4)
