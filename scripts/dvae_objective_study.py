@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--runs", default="paper,aux-mse,beta=0,beta-ramp-50%")
     p.add_argument("--png", default=None, help="eval PSNR curves of every run (default OUT/dvae_objective.png)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot-only", action="store_true",
+                   help="train nothing: plot the runs' metrics.csv as they stand (unfinished runs too)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
@@ -66,7 +68,13 @@ def main(argv=None):
         summary_path = os.path.join(run_dir, "study.json")
         if os.path.isfile(summary_path):
             with open(summary_path) as f:
-                results[name] = json.load(f)
+                results[name] = {**json.load(f), "run_dir": run_dir}
+            continue
+        if args.plot_only:
+            if os.path.isfile(os.path.join(run_dir, "metrics.csv")):
+                curve = [(r["step"], r["eval_psnr"]) for r in _rows(run_dir) if r.get("eval_psnr") is not None]
+                if curve:
+                    results[f"{name}, unfinished"] = {"eval_psnr": curve[-1][1], "curve": curve, "run_dir": run_dir}
             continue
         cfg = TrainVAEConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, sample_every=50,
                              checkpoint_every=args.steps, log_every=10, **{k: v for k, v in train_kw.items() if k != "lr"})
@@ -80,7 +88,7 @@ def main(argv=None):
                **decoder_diagnostics(ema_model)}
         with open(summary_path, "w") as f:
             json.dump(res, f, indent=1)
-        results[name] = res
+        results[name] = {**res, "run_dir": run_dir}
         print(f"{name:16s} eval PSNR {res['eval_psnr']:.2f} dB  perplexity {res['perplexity']:.1f}  "
               f"ln b bg {res['ln_b_background']:.2f} obj {res['ln_b_object']:.2f}  "
               f"|err| bg {res['abs_err_background']:.2f} obj {res['abs_err_object']:.2f}", flush=True)
@@ -95,20 +103,28 @@ def _rows(run_dir):
 
 
 def _plot(results, path, steps):
+    """Three panels per run: training PSNR and codebook perplexity (every 10 steps), eval PSNR (EMA)."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, r in results.items():
-        ax.plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], label=f"{name} ({r['eval_psnr']:.1f} dB)")
-    ax.set_xlabel("step (batch 8)")
-    ax.set_ylabel("eval PSNR (dB, EMA weights, argmax tokens)")
-    ax.set_title(f"Shapes dVAE (small), {steps} steps: the paper's objective and single changes")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        rows = [row for row in _rows(r["run_dir"]) if row.get("psnr") is not None]
+        axes[0].plot([row["step"] for row in rows], [row["psnr"] for row in rows], lw=1, label=name)
+        axes[1].plot([row["step"] for row in rows], [row["perplexity"] for row in rows], lw=1, label=name)
+        axes[2].plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], marker="o", ms=3,
+                     label=f"{name} ({r['eval_psnr']:.1f} dB)")
+    for ax, title in zip(axes, ("training PSNR (dB, Gumbel-relaxed)", "codebook perplexity (argmax tokens, batch)",
+                                "eval PSNR (dB, EMA weights, argmax tokens)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step (batch 8)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Shapes dVAE (small config, 64x64 -> 8x8 x 512 codes), runs of {steps} steps: "
+                 "the paper's objective and single changes")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
