@@ -24,12 +24,13 @@ CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
-def shapes_clip_config(vocab_size, text_len, image_size=64, embed_dim=64, width=128, layers=2):
-    """model_cfg of a small open_clip CLIP for Shapes: a ViT over 8x8 patches and a 2-layer text tower."""
+def shapes_clip_config(vocab_size, text_len, image_size=64, embed_dim=64, width=128, layers=2, patch_size=None):
+    """model_cfg of a small open_clip CLIP for Shapes: a ViT over patches of patch_size pixels (default: an
+    8x8 grid of patches) and a 2-layer text tower."""
     return {
         "custom_text": True,  # open_clip's CustomTextCLIP: the text tower that supports embed_cls
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "patch_size": image_size // 8, "layers": layers, "width": width,
+        "vision_cfg": {"image_size": image_size, "patch_size": patch_size or image_size // 8, "layers": layers, "width": width,
                        "head_width": 32, "mlp_ratio": 2.0},
         "text_cfg": {"context_length": text_len, "vocab_size": vocab_size, "width": width, "heads": width // 32,
                      "layers": layers, "mlp_ratio": 2.0, "embed_cls": True,

@@ -6,7 +6,8 @@
 #   2. train-vae        small dVAE, 64x64 images -> 8x8 tokens of 512 codes (the dVAE recipe for
 #                       noiseless synthetic data: auxiliary MSE, lr 2e-3, batch 8)
 #   3. train-dalle      the transformer (paper schedule: row, column, row, conv), tokens cached once
-#   4. train-clip       a small open_clip CLIP for reranking
+#   4. train-clip       a small open_clip CLIP for reranking, trained with hard negatives (twins that
+#                       differ only in one object's shape or size, or in swapped colours)
 #   5. copy the exported model into dalle_fast/assets and draw docs/generate_grid.png
 #
 # Usage: scripts/make_bundled_model.sh [WORK_DIR]   (default build/bundled_model)
@@ -23,7 +24,7 @@ VAE_STEPS=${VAE_STEPS:-1500}
 VAE_BATCH=${VAE_BATCH:-8}
 DALLE_STEPS=${DALLE_STEPS:-8000}
 DALLE_MINUTES=${DALLE_MINUTES-35} # time box of the transformer's run (fewer steps on a busy machine; '' = none)
-CLIP_STEPS=${CLIP_STEPS:-300}
+CLIP_STEPS=${CLIP_STEPS:-600}
 LENGTH=${LENGTH:-20000}          # Shapes items (training split) for the tokenizer, transformer and CLIP
 BATCH=${BATCH:-32}
 DEST=${DEST-dalle_fast/assets}   # where the bundle goes ('' to skip copying)
@@ -64,7 +65,8 @@ stamp "3/5 transformer"
 stamp "4/5 CLIP"
 [ -f "$WORK/clip/open_clip_config.json" ] || \
 "${CLI[@]}" train-clip --data shapes --split train --length "$LENGTH" --tokenizer "$WORK/tokenizer.json" \
-  --out "$WORK/clip" --text-len 16 --steps "$CLIP_STEPS" --batch-size 32 --width 64 --lr 2e-3 --threads "$THREADS" --quiet
+  --out "$WORK/clip" --text-len 16 --steps "$CLIP_STEPS" --batch-size 32 --width 64 --lr 2e-3 --warmup 30 --hard-negatives \
+  --threads "$THREADS" --quiet
 rm -rf "$WORK/dalle/export/clip" && mkdir -p "$WORK/dalle/export/clip"
 cp "$WORK/clip/open_clip_config.json" "$WORK/clip/open_clip_model.safetensors" "$WORK/clip/tokenizer.json" \
   "$WORK/dalle/export/clip/"

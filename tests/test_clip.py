@@ -110,11 +110,13 @@ def test_errors(tok_file, batch, tmp_path):
         r.score(images[:, :1], caps)
 
 
-def test_train_clip_learns(tok_file, tmp_path):
+@pytest.mark.parametrize("hard_negatives", [False, True])
+def test_train_clip_learns(tok_file, tmp_path, hard_negatives):
     from argparse import Namespace
     from dalle_fast.train.clip import train_clip
     args = Namespace(data="shapes", split="train", length=2000, tokenizer=tok_file, out=str(tmp_path / "c"),
-                     image_size=64, text_len=16, embed_dim=32, width=64, layers=1, steps=40, batch_size=32,
+                     image_size=64, text_len=16, embed_dim=32, width=64, layers=1, steps=40,
+                     batch_size=16 if hard_negatives else 32, hard_negatives=hard_negatives, patch_size=8,
                      lr=2e-3, warmup=5, weight_decay=0.1, device="cpu", log_every=5, seed=0, quiet=True)
     out = train_clip(args)
     rows = json.loads((tmp_path / "c" / "metrics.json").read_text())["history"]

@@ -191,3 +191,19 @@ def test_eval_command_on_the_bundled_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| CLIP best 1 of 2 | seen |" in printed
     assert (out / "grid.png").is_file() and len((out / "samples.csv").read_text().splitlines()) == 1 + 3 * 2
+
+
+def test_clip_hard_negative_twins_differ_in_one_judged_attribute():
+    """The twins train-clip --hard-negatives adds: the judge reads each twin as its own caption and finds
+    the scene's caption wrong for it (shape, size or colour binding)."""
+    from dalle_fast.train.clip import HardNegativeShapes
+    data = HardNegativeShapes(Shapes(length=40, seed=2, split="train"))
+    images, caps, twin_caps = [], [], []
+    for i in range(len(data)):
+        pair, (cap, twin_cap) = data[i]
+        assert cap != twin_cap and pair.shape == (2, 3, 64, 64)
+        images.append(pair[1])
+        caps.append(cap)
+        twin_caps.append(twin_cap)
+    assert all(v.ok for v in judge(images, twin_caps))
+    assert not any(v.ok for v in judge(images, caps))

@@ -221,6 +221,9 @@ def write_report(report, out_dir, scale=1):
 def _cmd_eval(args):
     from ..generate import DTYPES, load_bundle
     model, vae, tokenizer, clip = load_bundle(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
+    if args.clip:
+        from ..clip import CLIPReranker
+        clip = CLIPReranker.from_pretrained(args.clip, device=args.device)
     prompts = default_prompts()
     if args.limit:
         prompts = prompts[::max(1, len(prompts) // args.limit)][:args.limit]
@@ -242,6 +245,7 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=None, help="sequences sampled at once (default: all)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--clip", default=None, help="rerank with this CLIP directory instead of the model's own")
     p.add_argument("--no-clip", action="store_true", help="no reranker: 'reranked' figures are the first K samples")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="eval", help="where samples.csv, summary.json, table.md and grid.png go")

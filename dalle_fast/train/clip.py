@@ -5,9 +5,49 @@ dalle_fast.clip.CLIPReranker.from_pretrained reads.
 """
 import argparse
 
+import numpy as np
 import torch
 
 from . import common
+from ..data.shapes import SHAPES, SIZES, Shapes, _SIZE_FRAC, caption_of
+
+
+class HardNegativeShapes(torch.utils.data.Dataset):
+    """Shapes items in pairs: the scene and a twin that differs in one thing a weak CLIP overlooks, so
+    that the contrastive loss must tell them apart: one object's shape (same box), a single object's
+    size, or (two objects of two colours) their colours swapped. Item: (images (2, 3, S, S), (caption, twin caption))."""
+
+    def __init__(self, shapes: Shapes):
+        self.shapes = shapes
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def twin(self, scene, rng):
+        objs = [dict(o) for o in scene["objects"]]
+        kinds = ["shape", "shape"] + (["size"] if len(objs) == 1 else
+                                      ["swap"] if objs[0]["colour"] != objs[1]["colour"] else [])
+        kind = kinds[rng.integers(len(kinds))]
+        S = self.shapes.image_size
+        if kind == "shape":
+            o = objs[rng.integers(len(objs))]
+            o["shape"] = [s for s in SHAPES if s != o["shape"]][rng.integers(len(SHAPES) - 1)]
+        elif kind == "size":
+            o = objs[0]
+            o["size"] = [s for s in SIZES if s != o["size"]][0]
+            x, y, d = o["box"]
+            side = max(3, round(_SIZE_FRAC[o["size"]] * S))
+            cx, cy = x + d / 2, y + d / 2
+            o["box"] = (int(np.clip(round(cx - side / 2), 0, S - side)), int(np.clip(round(cy - side / 2), 0, S - side)),
+                        side)
+        else:
+            objs[0]["colour"], objs[1]["colour"] = objs[1]["colour"], objs[0]["colour"]
+        return {"objects": objs, "relation": scene["relation"], "caption": caption_of(objs, scene["relation"])}
+
+    def __getitem__(self, index):
+        scene = self.shapes.describe(int(index))
+        twin = self.twin(scene, np.random.default_rng([self.shapes.seed, 7, int(index)]))
+        return torch.stack([self.shapes.render(scene), self.shapes.render(twin)]), (scene["caption"], twin["caption"])
 
 
 def train_clip(args):
@@ -20,10 +60,15 @@ def train_clip(args):
     device = common.choose_device(args.device)
     tokenizer = BPETokenizer.from_file(args.tokenizer)
     cfg = shapes_clip_config(tokenizer.vocab_size, args.text_len, image_size=args.image_size,
-                             embed_dim=args.embed_dim, width=args.width, layers=args.layers)
+                             embed_dim=args.embed_dim, width=args.width, layers=args.layers,
+                             patch_size=args.patch_size)
     model = build_clip(cfg, output_dict=True).to(device).train()
     dataset = open_dataset(args.data, image_size=args.image_size, seed=args.seed + 1, length=args.length,
                            split=args.split)
+    if args.hard_negatives:
+        if not isinstance(dataset, Shapes):
+            raise ValueError("--hard-negatives needs --data shapes (twins are drawn from the scene description)")
+        dataset = HardNegativeShapes(dataset)
     batches = common.ResumableBatches(dataset, args.batch_size, seed=args.seed)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
@@ -37,6 +82,8 @@ def train_clip(args):
     try:
         for step in range(args.steps):
             images, captions = next(batches)
+            if args.hard_negatives:  # (B, 2, 3, S, S) and B caption pairs -> 2B items, each twin beside its scene
+                images, captions = images.flatten(0, 1), [c for pair in captions for c in pair]
             images = ((images.to(device) - mean) / std)
             text = tokenizer.tokenize(captions, args.text_len).to(device)
             lr = args.lr * min(1.0, (step + 1) / args.warmup) if step < args.warmup else \
@@ -85,6 +132,10 @@ def register(subparsers):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--hard-negatives", action="store_true",
+                   help="Shapes only: each batch item comes with a twin differing in one object's shape or size, "
+                        "or with two objects' colours swapped (batch holds 2x --batch-size images)")
+    p.add_argument("--patch-size", type=int, default=8, help="ViT patch side in pixels")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Why the paper's dVAE objective alone stalls on Shapes, and what fixes it: short controlled runs of
+train_vae that differ in one knob each (the same seed, data, model and step count), their eval PSNR
+curves in one PNG, and per run the decoder's ln b and |mu - logit(x)| on background and object pixels.
+
+Usage: scripts/dvae_objective_study.py OUT_DIR [--steps N] [--runs name,name] [--png docs/dvae_objective.png]
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+from dalle_fast.data import Shapes
+from dalle_fast.models.dvae import DVAEConfig
+from dalle_fast.train.vae import TrainVAEConfig, train_vae
+
+# name -> (train_vae overrides, DVAEConfig overrides); 'paper' is the paper's loss with the trainer's defaults
+RUNS = {
+    "paper": ({}, {}),
+    "aux-mse": ({"mse_weight": 1000.0}, {}),
+    "beta=0": ({"beta": 0.0}, {}),
+    "beta-ramp-50%": ({"beta_frac": 0.5}, {}),
+    "lr/4": ({"lr": 5e-4}, {}),
+    "tau-100%": ({"tau_frac": 1.0}, {}),
+    "eps=0.02": ({}, {"eps": 0.02}),
+}
+
+
+@torch.no_grad()
+def decoder_diagnostics(model, n=64, seed=123):
+    """Mean ln b and mean |mu - logit(map(x))| over background (black) and object pixels of n images."""
+    ds = Shapes(n, seed=seed, image_size=model.image_size)
+    x = torch.stack([ds[i][0] for i in range(n)])
+    stats = model.decode_stats(model.encode(x))
+    c, eps = model.config.input_channels, model.config.eps
+    mu, log_b = stats[:, :c], stats[:, c:]
+    target = torch.logit((1 - 2 * eps) * x + eps)
+    obj = (x.amax(1, keepdim=True) > 0.5).expand_as(x)
+    out = {}
+    for name, m in (("background", ~obj), ("object", obj)):
+        out[f"ln_b_{name}"] = log_b[m].mean().item()
+        out[f"abs_err_{name}"] = (mu - target).abs()[m].mean().item()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--runs", default="paper,aux-mse,beta=0,beta-ramp-50%")
+    p.add_argument("--png", default=None, help="eval PSNR curves of every run (default OUT/dvae_objective.png)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot-only", action="store_true",
+                   help="train nothing: plot the runs' metrics.csv as they stand (unfinished runs too)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {}
+    for name in args.runs.split(","):
+        if name not in RUNS:
+            raise SystemExit(f"unknown run {name!r}; known: {', '.join(RUNS)}")
+        train_kw, model_kw = RUNS[name]
+        run_dir = os.path.join(args.out, name.replace("/", "_").replace("%", "pc").replace("=", "_"))
+        summary_path = os.path.join(run_dir, "study.json")
+        if os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                results[name] = {**json.load(f), "run_dir": run_dir}
+            continue
+        if args.plot_only:
+            if os.path.isfile(os.path.join(run_dir, "metrics.csv")):
+                curve = [(r["step"], r["eval_psnr"]) for r in _rows(run_dir) if r.get("eval_psnr") is not None]
+                if curve:
+                    results[f"{name}, unfinished"] = {"eval_psnr": curve[-1][1], "curve": curve, "run_dir": run_dir}
+            continue
+        cfg = TrainVAEConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, sample_every=50,
+                             checkpoint_every=args.steps, log_every=10, **{k: v for k, v in train_kw.items() if k != "lr"})
+        if "lr" in train_kw:
+            cfg.lr = train_kw["lr"]
+        mcfg = DVAEConfig(**{**DVAEConfig.small().to_dict(), **model_kw})
+        s = train_vae(run_dir, cfg, model_config=mcfg, progress=False)
+        ema_model = s.pop("ema_model")
+        curve = [(r["step"], r["eval_psnr"]) for r in _rows(run_dir) if r.get("eval_psnr") not in (None, "")]
+        res = {"eval_psnr": s["eval_psnr"], "perplexity": s["eval_perplexity"], "curve": curve,
+               **decoder_diagnostics(ema_model)}
+        with open(summary_path, "w") as f:
+            json.dump(res, f, indent=1)
+        results[name] = {**res, "run_dir": run_dir}
+        print(f"{name:16s} eval PSNR {res['eval_psnr']:.2f} dB  perplexity {res['perplexity']:.1f}  "
+              f"ln b bg {res['ln_b_background']:.2f} obj {res['ln_b_object']:.2f}  "
+              f"|err| bg {res['abs_err_background']:.2f} obj {res['abs_err_object']:.2f}", flush=True)
+    _plot(results, args.png or os.path.join(args.out, "dvae_objective.png"), args.steps)
+    return 0
+
+
+def _rows(run_dir):
+    import csv
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _plot(results, path, steps):
+    """Three panels per run: training PSNR and codebook perplexity (every 10 steps), eval PSNR (EMA)."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, r in results.items():
+        rows = [row for row in _rows(r["run_dir"]) if row.get("psnr") is not None]
+        axes[0].plot([row["step"] for row in rows], [row["psnr"] for row in rows], lw=1, label=name)
+        axes[1].plot([row["step"] for row in rows], [row["perplexity"] for row in rows], lw=1, label=name)
+        axes[2].plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], marker="o", ms=3,
+                     label=f"{name} ({r['eval_psnr']:.1f} dB)")
+    for ax, title in zip(axes, ("training PSNR (dB, Gumbel-relaxed)", "codebook perplexity (argmax tokens, batch)",
+                                "eval PSNR (dB, EMA weights, argmax tokens)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step (batch 8)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Shapes dVAE (small config, 64x64 -> 8x8 x 512 codes), runs of {steps} steps: "
+                 "the paper's objective and single changes")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
