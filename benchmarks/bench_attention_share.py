@@ -15,7 +15,6 @@ share * (1 - attn_fused / attn_dense). The attention's cost grows with N^2 * dim
 MLPs' and projections' with N * dim^2, the image head's with N * dim * 8192: at a fixed sequence the
 share is largest where dim is small against N, and the 8192-way head keeps it down at every width.
 """
-import argparse
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dalle_fast  # noqa: E402
 from benchmarks.bench_dalle_train import step_modes  # noqa: E402
-from benchmarks.common import Recorder, measure, wants_csv  # noqa: E402
+from benchmarks.common import Recorder, bench_parser, measure, wants_csv  # noqa: E402
 from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402
 from dalle_fast.nn.attention import dense_sparse_attention  # noqa: E402
 
@@ -104,15 +103,11 @@ def run(kw, reps, write_csv, threads):
                     shape=f"dim={dim} heads={heads} depth={kw['depth']} N={T + S * S} B=1", dtype="float32",
                     device="cpu", ratio=base / tm["median_ms"],
                     extra=f"share={share:.4f};saving_bound={saving:.4f};kinds={'/'.join(kinds)}", **tm)
-    rec.print_table()
-    if write_csv:
-        print("wrote", rec.write())
+    rec.finish(write_csv)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
+    p = bench_parser(__doc__)
     p.add_argument("--dims", default=None, help="comma list of widths (default 128,256,512,1024; quick 64,128)")
     a = p.parse_args()
     kw = dict(QUICK if a.quick else FULL)

@@ -96,9 +96,7 @@ def run(kw, reps, write_csv, with_compile):
                     shape=f"B={B} N={cfg.seq_len} dim={cfg.dim} depth={cfg.depth}", dtype="float32", device="cpu",
                     **t, gflops=mult * n_mm * tok_s / 1e9, ratio=base[mode] / t["median_ms"],
                     extra=f"{tok_s:.0f} tok/s; peak {peak:.0f} GFLOP/s")
-    rec.print_table()
-    if write_csv:
-        print("wrote", rec.write())
+    rec.finish(write_csv)
 
 
 def main():

@@ -197,9 +197,7 @@ def run(config_names, batches, reps, write_csv, threads=2):
                         p20_ms=t["p20_ms"] * M / steps, p80_ms=t["p80_ms"] * M / steps,
                         gflops=flops_tok * tok_s[k] / 1e9, ratio=tok_s[k] / tok_s[base_name],
                         extra=f"{tok_s[k]:.1f} image tok/s; vs {base_name}; peak {peak:.0f} GFLOP/s {extra}".strip())
-    rec.print_table()
-    if write_csv:
-        print("wrote", rec.write())
+    rec.finish(write_csv)
 
 
 def main():

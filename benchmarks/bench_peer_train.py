@@ -14,7 +14,6 @@ batch 16. The dVAEs are not the same network: the rows give both parameter count
 what a user switching gets, not a like-for-like kernel comparison.
 Modes: fwd (loss, no grad), bwd (gradients of a kept graph), fwd+bwd. ratio = peer time / our time.
 """
-import argparse
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Recorder, import_peer, measure, train_modes, wants_csv  # noqa: E402
+from benchmarks.common import Recorder, bench_parser, import_peer, measure, train_modes, wants_csv  # noqa: E402
 from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402
 
 VOCAB_TEXT, VOCAB_IMAGE = 1000, 8192
@@ -105,7 +104,8 @@ def case(provider, mode, quick=True):
     return transformer_modes(peer if who == "peer" else ours, text, image, who == "peer")[mode]
 
 
-CASES = [(f"{who}-{what}", "fwd+bwd") for what in ("full", "axial_row", "conv_like", "dvae") for who in ("ours", "peer")]
+CASES = [(f"{who}-{what}", "fwd+bwd") for what in ("full", "axial_row", "conv_like", "dvae")
+         for who in ("ours", "peer")]
 
 
 def run(kw, reps, write_csv, threads):
@@ -121,7 +121,8 @@ def run(kw, reps, write_csv, threads):
             models["dalle_pytorch"] = (peer, True)
         print(f"-- {peer_kind}: ours {n_params(ours) / 1e6:.2f}M params"
               + (f", dalle-pytorch {n_params(peer) / 1e6:.2f}M" if peer is not None else ""), flush=True)
-        times = {name: {m: measure(f, warmup=1, reps=reps) for m, f in transformer_modes(mdl, text, image, is_peer).items()}
+        times = {name: {m: measure(f, warmup=1, reps=reps)
+                        for m, f in transformer_modes(mdl, text, image, is_peer).items()}
                  for name, (mdl, is_peer) in models.items()}
         tokens = kw["batch"] * (kw["text_len"] + kw["image_size"] ** 2)
         for name, res in times.items():
@@ -144,16 +145,11 @@ def run(kw, reps, write_csv, threads):
                     dtype="float32", device="cpu", ratio=base / t["median_ms"],
                     extra=f"{kw['vae_batch'] / (t['median_ms'] * 1e-3):.1f} img/s; "
                           f"{n_params(models[name][0]) / 1e6:.2f}M params; ratio = dalle_pytorch time / this", **t)
-    rec.print_table()
-    if write_csv:
-        print("wrote", rec.write())
+    rec.finish(write_csv)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args()
+    a = bench_parser(__doc__).parse_args()
     t0 = time.time()
     run(QUICK if a.quick else FULL, reps=2 if a.quick else 5, write_csv=wants_csv(a.quick), threads=a.threads)
     print(f"({time.time() - t0:.0f} s)")

@@ -192,6 +192,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default=None, help="comma list, default float32,bfloat16 (quick: float32)")
     ap.add_argument("--threads", type=int, default=2, help="1 gives steadier numbers on a shared machine")
     ap.add_argument("--no-seq", action="store_true", help="skip the sweep over sequence lengths")
+    ap.add_argument("--seq-only", action="store_true", help="only the sweep over sequence lengths")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     T, S, H, D = 256, 32, 8, 64
@@ -201,6 +202,14 @@ def main(argv=None):
     print(f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
           f"shape T={T} {S}x{S} heads={H} D={D} batch 1")
     ok = all(check_correctness(kind, 16, 8, D, dt) for kind in kinds for dt in dtypes)
+    if args.seq_only:
+        rec = Recorder("sparse_attention")
+        bench_seq(rec, [k for k in ("row", "column") if k in kinds], torch.float32,
+                  (8, 16) if args.quick else (8, 16, 24, 32), 64 if args.quick else 256, H, D, reps, warmup)
+        rec.print_table()
+        if wants_csv(args.quick):
+            print("CSV:", rec.write())
+        return 0 if ok else 1
     summary = {"peak": {dt: matmul_peak_gflops("cpu", dt) for dt in dtypes}, "train": [], "decode": []}
     print("matmul peak GFLOP/s: " + ", ".join(f"{d}: {p:.0f}" for d, p in summary["peak"].items()))
     rec = Recorder("sparse_attention")

@@ -9,6 +9,7 @@ Compare ratios measured in one run, never absolute times across runs.
 DALLE_FAST_BENCH_RESULTS=<dir> sends the CSVs there (run_all.py --quick uses it, so that CI-sized runs
 never mix with the committed rows), and makes --quick runs write their CSV too.
 """
+import argparse
 import csv
 import datetime
 import os
@@ -22,6 +23,14 @@ DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resu
 RESULTS = os.environ.get("DALLE_FAST_BENCH_RESULTS") or DEFAULT_RESULTS
 FIELDS = ["op", "provider", "mode", "shape", "dtype", "device", "median_ms", "p20_ms", "p80_ms",
           "bytes", "gbps", "gflops", "ratio", "extra", "torch", "dalle_fast", "host", "date", "threads", "load1"]
+
+
+def bench_parser(doc, threads=2):
+    """An argument parser with what the newer scripts share: --quick and --threads."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI-sized run: small shapes, few repetitions")
+    p.add_argument("--threads", type=int, default=threads, help="intra-op threads")
+    return p
 
 
 def wants_csv(quick):
@@ -113,6 +122,12 @@ class Recorder:
                 w.writerows(old)
             w.writerows(self.rows)
         return path
+
+    def finish(self, write_csv):
+        """Prints the table; appends the rows to the CSV when write_csv."""
+        self.print_table()
+        if write_csv:
+            print("wrote", self.write())
 
     def print_table(self, cols=("op", "provider", "mode", "shape", "dtype", "device", "median_ms", "ratio",
                                 "gbps", "gflops", "extra")):

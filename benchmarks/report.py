@@ -56,7 +56,8 @@ def provenance(rows, cores=os.cpu_count()):
     line += f", {'/'.join(threads)} thread(s)" if threads else ", threads not recorded"
     if loads:
         busy = max(loads) > (cores or 1) * 0.75
-        line += (f", load average {min(loads):.1f}-{max(loads):.1f} on {cores} cores when taken"
+        span = f"{min(loads):.1f}" if min(loads) == max(loads) else f"{min(loads):.1f}-{max(loads):.1f}"
+        line += (f", load average {span} on {cores} cores when taken"
                  + (" (**a loaded machine: the absolute times are noisy, the ratios of one run less so**)"
                     if busy else ""))
     else:
@@ -291,7 +292,7 @@ def plots(res, figdir):
             bars.append((f"attention {r['shape'].split()[0]}\n{r['dtype']} fwd+bwd", r["provider"], num(r["ratio"])))
     if bars:
         labels = list(dict.fromkeys(b[0] for b in bars))
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels)), 4))
         for i, prov in enumerate(("compile", "dalle_fast")):
             vals = {b[0]: b[2] for b in bars if b[1] == prov and b[2]}
             ax.bar([j + 0.4 * i for j in range(len(labels))], [vals.get(lab, 0) for lab in labels], 0.4,
@@ -411,10 +412,14 @@ def section(res, figdir, readme_dir):
     text, rows = share(res)
     if text:
         parts += ["### How much of a training step attention is (`benchmarks/bench_attention_share.py`)", "",
-                  "At the paper's sequence, batch 1, depth 2 (row, conv). The end-to-end gain of any attention kernel "
-                  "is bounded by 1 / (1 - share); the MLPs, projections and the 8192-way image head grow with the "
-                  "width faster than attention does, so the share, and what sparse attention can save, shrink "
-                  "as the model widens at a fixed sequence and grow with the sequence at a fixed width.", "",
+                  "Batch 1, depth 2 (row, conv), the sequence length N in each row. The share is the dense "
+                  "attention calls' fwd+bwd time over the whole dense step's; the end-to-end gain of any "
+                  "attention kernel is bounded by 1 / (1 - share), and what ours can give by "
+                  "1 / (1 - share * (1 - fused / dense attention time)). Attention's cost grows as N^2 * dim, "
+                  "the MLPs', projections' and the 8192-way image head's as N * dim^2 and N * dim * 8192: at a "
+                  "fixed N the share falls as the model widens and it rises with N at a fixed width (the rows "
+                  "measure the widths; the plot of attention speedup against sequence length shows the kernels "
+                  "alone).", "",
                   text, "", provenance(rows), ""]
     text, rows = gpu_static(res)
     if text:
