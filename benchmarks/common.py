@@ -2,8 +2,8 @@
 
 Rows: op, provider, mode, shape, dtype, device, median_ms, p20_ms, p80_ms, bytes, gbps, gflops,
 ratio (the provider's median over the baseline's: >1 means faster than the baseline), extra,
-versions, host, date, threads and the machine's 1-minute load average when the script started (load1:
-on a shared machine a load above the thread count means the row was taken while others ran).
+versions, host, date, threads, the machine's CPU count and its 1-minute load average when the script
+started (load1: a load near or above the CPU count means the row was taken while others ran).
 Compare ratios measured in one run, never absolute times across runs.
 
 DALLE_FAST_BENCH_RESULTS=<dir> sends the CSVs there (run_all.py --quick uses it, so that CI-sized runs
@@ -22,7 +22,7 @@ import torch
 DEFAULT_RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RESULTS = os.environ.get("DALLE_FAST_BENCH_RESULTS") or DEFAULT_RESULTS
 FIELDS = ["op", "provider", "mode", "shape", "dtype", "device", "median_ms", "p20_ms", "p80_ms",
-          "bytes", "gbps", "gflops", "ratio", "extra", "torch", "dalle_fast", "host", "date", "threads", "load1"]
+          "bytes", "gbps", "gflops", "ratio", "extra", "torch", "dalle_fast", "host", "date", "threads", "load1", "cpus"]
 
 
 def bench_parser(doc, threads=2):
@@ -94,7 +94,8 @@ class Recorder:
         self.rows = []
         self.common = {"torch": torch.__version__, "dalle_fast": dalle_fast.__version__,
                        "host": platform.node(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                       "load1": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else ""}
+                       "load1": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else "",
+                       "cpus": os.cpu_count() or ""}
 
     def add(self, **row):
         row = {**{k: "" for k in FIELDS}, **self.common, "threads": torch.get_num_threads(), **row}
