@@ -131,6 +131,11 @@ def main(argv=None):
     if not rows:
         print("no CUDA kernels found: nothing to write (built without CUDA?)")
         return 0
+    old = os.path.join(RESULTS, "gpu_static.csv")
+    if not any(r["registers"] != "" for r in rows) and os.path.exists(old):
+        # an incremental build's log has no ptxas report: keep the rows of the last full build
+        print(f"the log has no ptxas report (an incremental build?): keeping {old}")
+        return 0
     spilled = [r for r in rows if (r["spill_stores"] or 0) or (r["spill_loads"] or 0)]
     tensor = [r for r in rows if (r["hmma"] or 0) or (r["hgmma"] or 0)]
     print(f"{len(rows)} kernel entries; {len(spilled)} with spills; {len(tensor)} using tensor cores")

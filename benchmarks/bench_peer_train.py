@@ -112,9 +112,9 @@ def run(kw, reps, write_csv, threads):
     torch.set_num_threads(threads)
     dp = import_peer()
     rec = Recorder("peer_train")
-    shape_t = (f"B={kw['batch']} text={kw['text_len']} image={kw['image_size']}x{kw['image_size']} "
-               f"dim={kw['dim']} depth={kw['depth']}")
     for peer_kind in KINDS:
+        shape_t = (f"{peer_kind} B={kw['batch']} text={kw['text_len']} image={kw['image_size']}x{kw['image_size']} "
+                   f"dim={kw['dim']} depth={kw['depth']}")
         ours, peer, text, image = transformer_pair(dp, kw, peer_kind)
         models = {"dalle_fast": (ours, False)}
         if peer is not None:

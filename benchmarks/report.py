@@ -59,7 +59,7 @@ def provenance(rows):
         busy = bool(cpus) and max(loads) > 0.75 * min(cpus)
         span = f"{min(loads):.1f}" if min(loads) == max(loads) else f"{min(loads):.1f}-{max(loads):.1f}"
         line += (f", load average {span} on {'/'.join(map(str, cpus)) or 'an unrecorded number of'} CPUs when taken"
-                 + (" (**a loaded machine: the absolute times are noisy, the ratios of one run less so**)"
+                 + (" (**a loaded machine: the times, and even the ratios, are noisy**)"
                     if busy else ""))
     else:
         line += ", machine load not recorded"
@@ -110,7 +110,7 @@ def kernels(res):
 
 
 def attention(res):
-    rows = latest(read_rows("sparse_attention", res))
+    rows = [r for r in latest(read_rows("sparse_attention", res)) if r["op"] != "sparse_attention_seq"]
     train = [r for r in rows if r["op"] == "sparse_attention"]
     if not train:
         return None, None, []
@@ -196,8 +196,8 @@ def training(res):
         by = collections.defaultdict(dict)
         for r in rows:
             if r["mode"] == "fwd+bwd":
-                kind = r["extra"].split(" ")[0] if r["op"] == "train_step_transformer" else "dVAE"
-                by[(r["op"], kind, r["shape"])][r["provider"]] = r
+                kind, shape = r["shape"].split(" ", 1) if r["op"] == "train_step_transformer" else ("dVAE", r["shape"])
+                by[(r["op"], kind, shape)][r["provider"]] = r
         body = []
         for (op, kind, shape), p in by.items():
             ours, peer = p.get("dalle_fast"), p.get("dalle_pytorch")
@@ -404,8 +404,12 @@ def section(res, figdir, readme_dir, draw=True):
                       dtext, ""]
         parts += [provenance(rows), ""]
         if "bench_attention.png" in figs:
+            seq = attention_seq(res)
             parts += [f"![attention speedup against sequence length; attention share against width]"
                       f"({figs['bench_attention.png']})", ""]
+            if seq:
+                parts += ["Left: fwd+bwd against dense masked SDPA as the image grows "
+                          "(`bench_sparse_attention.py --seq-only`). " + provenance(seq), ""]
     text, rows = generation(res)
     if text:
         parts += ["### Generation against dalle-pytorch's cached loop and generate_images",
