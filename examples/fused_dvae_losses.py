@@ -16,11 +16,11 @@ It checks that both ops compute what the eager code computes (the same noise for
 times a training step of each loop and prints the speedup.
 """
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.benchmark import Timer
 
 import dalle_fast
 from dalle_fast.reference.logit_laplace import logit_laplace_loss as eager_logit_laplace  # the formula in torch ops
@@ -47,6 +47,7 @@ def loss_fused(model, x, tau):
 
 
 def step_time(model, loss_fn, x, steps, tau=1.0):
+    """Seconds per training step (loss, backward, AdamW), the mean of `steps` runs after one warm-up."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -54,13 +55,8 @@ def step_time(model, loss_fn, x, steps, tau=1.0):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    step()
+    return Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()).timeit(steps).median
 
 
 def main(argv=None):
