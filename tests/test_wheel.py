@@ -56,17 +56,19 @@ def test_wheel_installs_into_a_new_venv_and_runs(tmp_path):
     pins = re.findall(r"^Requires-Dist: torch\s*==\s*([^\s;,]+)", meta, re.M)
     assert pins == [torch.__version__.split("+")[0]], f"torch requirement {pins}, built against {torch.__version__}"
 
+    # nothing of the checkout may be visible: with it on PYTHONPATH (and its egg-info) pip would think
+    # dalle_fast is already installed
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["OMP_NUM_THREADS"] = "1"
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
     py, cli = str(venv / "bin" / "python"), str(venv / "bin" / "dalle-fast")
     t0 = time.time()
-    out = subprocess.run([py, "-m", "pip", "install", "-q", wheel], capture_output=True, text=True, timeout=1800)
+    out = subprocess.run([py, "-m", "pip", "install", "-q", wheel], capture_output=True, text=True, timeout=1800,
+                         cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     print(f"pip install of the wheel and its dependencies: {time.time() - t0:.0f} s, "
           f"{_disk_mb(venv) / 1024:.1f} GB in the new environment")
-
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["OMP_NUM_THREADS"] = "1"
     run = lambda *cmd: subprocess.run(list(cmd), capture_output=True, text=True, cwd=tmp_path, env=env,  # noqa: E731
                                       timeout=900)
     where = run(py, "-c", "import dalle_fast, torch; print(dalle_fast.__file__, torch.__version__, "
