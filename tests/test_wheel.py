@@ -18,8 +18,6 @@ import zipfile
 import pytest
 import torch
 
-import dalle_fast
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -76,7 +74,8 @@ def test_wheel_installs_into_a_new_venv_and_runs(tmp_path):
     assert where.returncode == 0, where.stderr
     path, torch_version, backends = where.stdout.split()
     assert path.startswith(str(venv)), f"imported {path}, not the installed wheel"
-    assert torch_version == torch.__version__ and backends == ",".join(dalle_fast.backends())
+    assert torch_version == torch.__version__ and "cpu" in backends.split(","), where.stdout
+    print(f"the new environment imports {path} (torch {torch_version}, compiled backends {backends})")
 
     selftest = run(py, "-m", "dalle_fast.selftest")
     assert selftest.returncode == 0, selftest.stdout[-4000:] + selftest.stderr[-4000:]
