@@ -6,7 +6,7 @@ PY      = $(VENV)/bin/python
 DEPS    = $(VENV)/.deps-installed
 export MAX_JOBS ?= 2
 
-.PHONY: demo test build bench selftest clean
+.PHONY: demo test build bench bench-quick selftest wheel clean
 
 $(DEPS): scripts/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,13 @@ $(PEERS): $(DEPS) scripts/requirements-peers.txt scripts/requirements-peers-deps
 bench: build $(PEERS)
 	$(PY) benchmarks/run_all.py
 
+bench-quick: build $(PEERS)
+	$(PY) benchmarks/run_all.py --quick
+
+# A binary wheel in dist/ (CPU and, where nvcc was found, CUDA kernels), requiring the torch it was built
+# against; relinks the objects of `make build` (scripts/build.py --wheel).
+wheel: build
+	$(PY) scripts/build.py --wheel dist
+
 clean:
-	rm -rf build dalle_fast/_C*.so *.egg-info
+	rm -rf build dist dalle_fast/_C*.so *.egg-info

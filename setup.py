@@ -9,6 +9,7 @@ Environment:
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -62,6 +63,13 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+# A binary wheel requires exactly the torch in pyproject.toml (the C++ ABI is per release): build it against that one.
+with open(os.path.join(ROOT, "pyproject.toml")) as _f:
+    _pin = re.search(r'"torch==([^"]+)"', _f.read())
+if "bdist_wheel" in sys.argv and _pin and torch.__version__.split("+")[0] != _pin.group(1):
+    sys.exit(f"[dalle_fast] this wheel would require torch=={_pin.group(1)} (pyproject.toml) but is being built "
+             f"against torch {torch.__version__}: build it with the pinned torch")
 
 with_cuda = (not cpu_only) and cuda_home is not None and (
     torch.version.cuda is not None or os.environ.get("FORCE_CUDA", "0") == "1")

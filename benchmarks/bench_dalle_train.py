@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Recorder, matmul_peak_gflops, measure  # noqa: E402
+from benchmarks.common import Recorder, matmul_peak_gflops, measure, train_modes, wants_csv  # noqa: E402
 from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402
 
 FULL = dict(dim=256, depth=4, heads=4, dim_head=64, text_len=256, image_size=32, batch=2)
@@ -31,6 +31,24 @@ def build(kw, backend):
     cfg = DALLEConfig(num_text_tokens=1000, num_image_tokens=8192, conv_kernel=11, backend=backend,
                       **{k: v for k, v in kw.items() if k != "batch"})
     return DALLE(cfg)
+
+
+def step_modes(m, text, image):
+    """fwd / bwd / fwd+bwd callables of one training step of model m (benchmarks/common.train_modes)."""
+    return train_modes(lambda: m(text, image, return_loss=True)[0], m.parameters())
+
+
+def case(provider, mode, quick=True):
+    """One timed callable (shared with benchmarks/test_benchmarks.py): provider dense, flex or dalle_fast."""
+    kw = QUICK if quick else FULL
+    m = build(kw, "fused" if provider == "dalle_fast" else provider)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 1000, (kw["batch"], m.config.text_len), generator=g)
+    image = torch.randint(0, 8192, (kw["batch"], m.config.image_len), generator=g)
+    return step_modes(m, text, image)[mode]
+
+
+CASES = [(p, "fwd+bwd") for p in ("dense", "dalle_fast")]
 
 
 def run(kw, reps, write_csv, with_compile):
@@ -67,21 +85,9 @@ def run(kw, reps, write_csv, with_compile):
     tokens = B * cfg.seq_len
     base = {}
     for name, m in providers.items():
-        params = [p for p in m.parameters()]
-
-        def fwd():
-            with torch.no_grad():
-                return m(text, image, return_loss=True)[0]
-
-        def full():
-            return torch.autograd.grad(m(text, image, return_loss=True)[0], params)
-
-        kept = m(text, image, return_loss=True)[0]
-
-        def bwd():
-            return torch.autograd.grad(kept, params, retain_graph=True)
-
-        for mode, f, mult in (("fwd", fwd, 2), ("bwd", bwd, 4), ("fwd+bwd", full, 6)):
+        fns = step_modes(m, text, image)
+        for mode, mult in (("fwd", 2), ("bwd", 4), ("fwd+bwd", 6)):
+            f = fns[mode]
             t = measure(f, warmup=1, reps=reps)
             if name == "dense":
                 base[mode] = t["median_ms"]
@@ -90,9 +96,7 @@ def run(kw, reps, write_csv, with_compile):
                     shape=f"B={B} N={cfg.seq_len} dim={cfg.dim} depth={cfg.depth}", dtype="float32", device="cpu",
                     **t, gflops=mult * n_mm * tok_s / 1e9, ratio=base[mode] / t["median_ms"],
                     extra=f"{tok_s:.0f} tok/s; peak {peak:.0f} GFLOP/s")
-    rec.print_table()
-    if write_csv:
-        print("wrote", rec.write())
+    rec.finish(write_csv)
 
 
 def main():
@@ -101,7 +105,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="also time the dense model under torch.compile")
     a = p.parse_args()
     t0 = time.time()
-    run(QUICK if a.quick else FULL, reps=2 if a.quick else 5, write_csv=not a.quick, with_compile=a.compile)
+    run(QUICK if a.quick else FULL, reps=2 if a.quick else 5, write_csv=wants_csv(a.quick), with_compile=a.compile)
     print(f"({time.time() - t0:.0f} s)")
 
 

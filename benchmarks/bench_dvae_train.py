@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import Recorder, matmul_peak_gflops, measure  # noqa: E402
+from benchmarks.common import Recorder, matmul_peak_gflops, measure, wants_csv  # noqa: E402
 
 import dalle_fast  # noqa: E402
 from dalle_fast.data import Shapes  # noqa: E402
@@ -72,6 +72,15 @@ def make_provider(name, cfg, precision, batch):
     return {"fwd": fwd, "fwd+bwd": fwd_bwd, "step": step}, model, x
 
 
+def case(provider, mode, quick=True):
+    """One timed callable (shared with benchmarks/test_benchmarks.py): provider eager or dalle_fast, fp32."""
+    cfg = DVAEConfig.named("tiny" if quick else "small")
+    return make_provider(provider, cfg, "fp32", 4 if quick else 32)[0][mode]
+
+
+CASES = [(p, "fwd+bwd") for p in ("eager", "dalle_fast")]
+
+
 def count_flops(model, x):
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
@@ -124,7 +133,7 @@ def main():
                         gflops=gflops, ratio=base / med,
                         extra=f"{args.batch / (med * 1e-3):.1f} img/s; {100 * gflops / peak:.0f}% of {peak:.0f} GFLOP/s GEMM peak")
     rec.print_table()
-    if not args.quick and not args.no_csv:
+    if wants_csv(args.quick) and not args.no_csv:
         print("wrote", rec.write())
 
 

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Recorder, matmul_peak_gflops, measure  # noqa: E402
+from benchmarks.common import Recorder, import_peer, matmul_peak_gflops, measure, wants_csv  # noqa: E402
 from dalle_fast.generate import sample_logits, sample_tokens  # noqa: E402
 from dalle_fast.models.dalle import DALLE, DALLEConfig  # noqa: E402
 
@@ -42,25 +42,6 @@ CONFIGS = {
     "paper-seq": dict(dim=256, depth=2, heads=4, dim_head=64, text_len=256, image_size=32),
 }
 VOCAB_TEXT, VOCAB_IMAGE = 1000, 8192
-
-
-def import_dalle_pytorch():
-    """dalle-pytorch imports its VQGAN, YTTM and HF tokenizer code at import time; none of it is used
-    here (nor installable beside torch 2.14 without pulling old pins), so those modules are stubbed."""
-    import types
-    for name, attrs in [("taming", {}), ("taming.models", {}),
-                        ("taming.models.vqgan", dict(VQModel=object, GumbelVQ=object)),
-                        ("youtokentome", {}), ("transformers", dict(BertTokenizer=object)),
-                        ("pkg_resources", dict(get_distribution=lambda n: types.SimpleNamespace(version="?")))]:
-        if name not in sys.modules:
-            try:
-                __import__(name)
-            except Exception:
-                m = types.ModuleType(name)
-                m.__dict__.update(attrs)
-                sys.modules[name] = m
-    import dalle_pytorch
-    return dalle_pytorch
 
 
 def ours(cfg_kw, backend):
@@ -72,7 +53,7 @@ def ours(cfg_kw, backend):
 
 def peer(dp, cfg_kw):
     torch.manual_seed(0)
-    layers = {16: 3, 32: 3}[cfg_kw["image_size"]]
+    layers = 3  # the peer's DiscreteVAE only sets the token grid: image_size / 2**layers
     vae = dp.DiscreteVAE(image_size=cfg_kw["image_size"] * 2 ** layers, num_layers=layers, num_tokens=VOCAB_IMAGE,
                          codebook_dim=64, hidden_dim=16)
     m = dp.DALLE(dim=cfg_kw["dim"], vae=vae, num_text_tokens=VOCAB_TEXT, text_seq_len=cfg_kw["text_len"],
@@ -135,14 +116,29 @@ def uncached_step_fns(model, m_peer, text, text_peer, positions):
     return ours_steps, peer_steps
 
 
+def case(provider, mode="sample", quick=True):
+    """One timed callable (shared with benchmarks/test_benchmarks.py): a whole generation's token loop at
+    batch 1; provider dalle_fast, full_kv_cache or dalle_pytorch_cache; quick: dim 128, depth 2, 8x8 image."""
+    kw = dict(dim=128, depth=2, heads=2, dim_head=64, text_len=16, image_size=8) if quick else CONFIGS["matched"]
+    text = torch.randint(1, VOCAB_TEXT, (1, kw["text_len"]), generator=torch.Generator().manual_seed(0))
+    if provider == "dalle_pytorch_cache":
+        dp = import_peer()
+        if dp is None:
+            raise ModuleNotFoundError("dalle-pytorch is not installed")
+        m = peer(dp, kw)
+        return lambda: peer_cached_loop(m, text)
+    model = ours(kw, "dense" if provider == "full_kv_cache" else "fused")
+    return lambda: sample_tokens(model, text)
+
+
+CASES = [(p, "sample") for p in ("dalle_fast", "full_kv_cache", "dalle_pytorch_cache")]
+
+
 def run(config_names, batches, reps, write_csv, threads=2):
     torch.set_num_threads(threads)
-    try:
-        dp = import_dalle_pytorch()
-        print(f"dalle-pytorch {dp.__version__ if hasattr(dp, '__version__') else ''} imported")
-    except Exception as e:  # report exactly why the peer is missing
-        dp = None
-        print(f"dalle-pytorch could not be imported: {e!r}")
+    dp = import_peer()
+    if dp is not None:
+        print(f"dalle-pytorch {getattr(dp, '__version__', '')} imported")
     peak = matmul_peak_gflops()
     print(f"matmul ceiling {peak:.1f} GFLOP/s (fp32, {threads} threads)")
     rec = Recorder("generate")
@@ -201,9 +197,7 @@ def run(config_names, batches, reps, write_csv, threads=2):
                         p20_ms=t["p20_ms"] * M / steps, p80_ms=t["p80_ms"] * M / steps,
                         gflops=flops_tok * tok_s[k] / 1e9, ratio=tok_s[k] / tok_s[base_name],
                         extra=f"{tok_s[k]:.1f} image tok/s; vs {base_name}; peak {peak:.0f} GFLOP/s {extra}".strip())
-    rec.print_table()
-    if write_csv:
-        print("wrote", rec.write())
+    rec.finish(write_csv)
 
 
 def main():
@@ -215,7 +209,7 @@ def main():
     a = p.parse_args()
     configs = a.configs or (["matched"] if a.quick else list(CONFIGS))
     t0 = time.time()
-    run(configs, [1, 16], reps=2 if a.quick else 3, write_csv=not a.quick, threads=a.threads)
+    run(configs, [1, 16], reps=2 if a.quick else 3, write_csv=wants_csv(a.quick), threads=a.threads)
     print(f"({time.time() - t0:.0f} s)")
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dalle_fast  # noqa: E402
-from benchmarks.common import Recorder, copy_peak_gbps, measure  # noqa: E402
+from benchmarks.common import Recorder, copy_peak_gbps, measure, wants_csv  # noqa: E402
 from dalle_fast import testing  # noqa: E402
 from dalle_fast.reference import gumbel_softmax as ref  # noqa: E402
 
@@ -46,25 +46,49 @@ def check_correctness(device, dtype, shape):
     print(f"correctness ok ({device}, {dtype}, {tuple(shape)})")
 
 
-def time_provider(rec, name, fn, x, grad, device, nbytes_elem, baseline, reps):
-    """fwd (no autograd), bwd (backward of a kept graph), fwd+bwd for one provider."""
-    n = x.numel()
+def modes(fn, x, grad):
+    """The timed callables of one provider: fwd (no autograd), bwd (backward of a graph kept from the
+    first call), fwd+bwd."""
     xg = x.detach().requires_grad_(True)
-    results = {}
+    kept = []
 
     def fwd():
         with torch.no_grad():
             fn(x)
 
-    def fwd_bwd():
-        torch.autograd.grad(fn(xg), xg, grad)
-
-    y = fn(xg)
-
     def bwd():
-        torch.autograd.grad(y, xg, grad, retain_graph=True)
+        if not kept:
+            kept.append(fn(xg))
+        torch.autograd.grad(kept[0], xg, grad, retain_graph=True)
 
-    for mode, f, tensors in (("fwd", fwd, 2), ("bwd", bwd, 3), ("fwd+bwd", fwd_bwd, 5)):
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": lambda: torch.autograd.grad(fn(xg), xg, grad)}
+
+
+def providers(with_compile=True):
+    out = [("torch eager", lambda v: F.gumbel_softmax(v, TAU, dim=1))]
+    if with_compile:
+        out.append(("torch.compile", torch.compile(lambda v: F.gumbel_softmax(v, TAU, dim=1))))
+    out.append(("dalle_fast", lambda v: dalle_fast.gumbel_softmax(v, TAU, dim=1)))
+    return out
+
+
+def case(provider, mode, quick=True):
+    """One timed callable (shared with benchmarks/test_benchmarks.py)."""
+    x = torch.randn((2, 1024, 16, 16) if quick else (2, 8192, 32, 32))
+    fn = dict(providers(with_compile=provider == "torch.compile"))[provider]
+    return modes(fn, x, torch.randn_like(x))[mode]
+
+
+CASES = [(p, "fwd+bwd") for p in ("torch eager", "dalle_fast")]
+
+
+def time_provider(rec, name, fn, x, grad, device, nbytes_elem, baseline, reps):
+    """fwd (no autograd), bwd (backward of a kept graph), fwd+bwd for one provider."""
+    n = x.numel()
+    results = {}
+    fns = modes(fn, x, grad)
+    for mode, tensors in (("fwd", 2), ("bwd", 3), ("fwd+bwd", 5)):
+        f = fns[mode]
         try:
             t = measure(f, device, warmup=2, reps=reps)
         except RuntimeError as e:  # e.g. a compiled backward that cannot be replayed
@@ -100,12 +124,8 @@ def main(argv=None):
     elem = x.element_size()
     rec = Recorder("gumbel_softmax")
 
-    providers = [("torch eager", lambda v: F.gumbel_softmax(v, TAU, dim=1))]
-    if not args.no_compile:
-        providers.append(("torch.compile", torch.compile(lambda v: F.gumbel_softmax(v, TAU, dim=1))))
-    providers.append(("dalle_fast", lambda v: dalle_fast.gumbel_softmax(v, TAU, dim=1)))
     baseline = None
-    for name, fn in providers:
+    for name, fn in providers(with_compile=not args.no_compile):
         res = time_provider(rec, name, fn, x, grad, device, elem, baseline, reps)
         baseline = baseline or res
 
@@ -124,7 +144,7 @@ def main(argv=None):
     for r in rec.rows:
         r["extra"] = f"{r['extra']} ceiling={peak:.1f}GB/s"
     rec.print_table()
-    if not args.no_csv:
+    if wants_csv(args.quick) and not args.no_csv:
         print("appended to", rec.write())
 
 

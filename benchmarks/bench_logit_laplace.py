@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dalle_fast  # noqa: E402
-from benchmarks.common import Recorder, copy_peak_gbps, measure  # noqa: E402
+from benchmarks.common import Recorder, copy_peak_gbps, measure, wants_csv  # noqa: E402
 from dalle_fast.ops.logit_laplace import sample_inputs  # noqa: E402
 from dalle_fast.reference import logit_laplace as ref  # noqa: E402
 
@@ -42,6 +42,34 @@ def check_correctness(x, stats):
     return ok
 
 
+def modes(fn, x, stats):
+    """The timed callables of one provider: fwd (no autograd), bwd (the gradient of a forward kept from the
+    first call, again and again), fwd+bwd."""
+    kept = []
+
+    def fwd():
+        with torch.no_grad():
+            return fn(x, stats)
+
+    def bwd():
+        if not kept:
+            kept.append(fn(x, stats))
+        return torch.autograd.grad(kept[0], stats, retain_graph=True)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": lambda: torch.autograd.grad(fn(x, stats), stats)}
+
+
+def case(provider, mode, quick=True):
+    """One timed callable (shared with benchmarks/test_benchmarks.py)."""
+    x, stats = sample_inputs((2, 3, 64, 64) if quick else (8, 3, 256, 256), dtype=torch.float32,
+                             requires_grad=True, seed=0)
+    fn = {"eager": ref.logit_laplace_loss, "dalle_fast": dalle_fast.logit_laplace_loss}[provider]
+    return modes(fn, x, stats)[mode]
+
+
+CASES = [(p, "fwd+bwd") for p in ("eager", "dalle_fast")]
+
+
 def run(shape, dtypes, reps, write_csv):
     torch.set_num_threads(2)
     peak = copy_peak_gbps()
@@ -59,19 +87,7 @@ def run(shape, dtypes, reps, write_csv):
         nbytes = {"fwd": 3 * n * item, "bwd": 5 * n * item, "fwd+bwd": 8 * n * item}
         base = {}
         for name, fn in providers.items():
-            def fwd():
-                with torch.no_grad():
-                    return fn(x, stats)
-
-            def full():
-                return torch.autograd.grad(fn(x, stats), stats)
-
-            out = fn(x, stats)  # a forward whose graph the bwd mode differentiates again and again
-
-            def bwd():
-                return torch.autograd.grad(out, stats, retain_graph=True)
-
-            for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", full)):
+            for mode, f in modes(fn, x, stats).items():
                 t = measure(f, warmup=3, reps=reps)
                 if name == "eager":
                     base[mode] = t["median_ms"]
@@ -98,7 +114,7 @@ def main():
     p.add_argument("--reps", type=int, default=None)
     args = p.parse_args()
     if args.quick:
-        ok = run((2, 3, 64, 64), [torch.float32], args.reps or 5, write_csv=False)
+        ok = run((2, 3, 64, 64), [torch.float32], args.reps or 5, write_csv=wants_csv(True))
     else:
         ok = run((8, 3, 256, 256), [torch.float32, torch.bfloat16], args.reps or 15, write_csv=True)
     sys.exit(0 if ok else 1)

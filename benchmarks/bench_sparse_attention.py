@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dalle_fast  # noqa: E402
-from benchmarks.common import Recorder, matmul_peak_gflops, measure  # noqa: E402
+from benchmarks.common import Recorder, matmul_peak_gflops, measure, wants_csv  # noqa: E402
 from dalle_fast.nn.attention import dense_sparse_attention, flex_sparse_attention  # noqa: E402
 from dalle_fast.reference import sparse_attention as ref  # noqa: E402
 
@@ -53,17 +53,26 @@ def check_correctness(kind, T, S, D, dtype):
     return worst <= 1
 
 
-def time_modes(fn, inputs, go, reps, warmup, modes):
-    """{mode: measure dict} for fn(*inputs); bwd times autograd.grad of one retained forward."""
-    res = {}
-    if "fwd" in modes:
+def modes(fn, inputs, go):
+    """The timed callables of fn(*inputs): fwd (no autograd), bwd (autograd.grad of one retained forward,
+    made on first use), fwd+bwd."""
+    kept = []
+
+    def fwd():
         with torch.no_grad():
-            res["fwd"] = measure(lambda: fn(*inputs), warmup=warmup, reps=reps)
-    if "bwd" in modes or "fwd+bwd" in modes:
-        out = fn(*inputs)
-        res["bwd"] = measure(lambda: torch.autograd.grad(out, inputs, go, retain_graph=True), warmup=warmup, reps=reps)
-        res["fwd+bwd"] = measure(lambda: torch.autograd.grad(fn(*inputs), inputs, go), warmup=warmup, reps=reps)
-    return res
+            return fn(*inputs)
+
+    def bwd():
+        if not kept:
+            kept.append(fn(*inputs))
+        return torch.autograd.grad(kept[0], inputs, go, retain_graph=True)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": lambda: torch.autograd.grad(fn(*inputs), inputs, go)}
+
+
+def time_modes(fn, inputs, go, reps, warmup, wanted):
+    """{mode: measure dict} for fn(*inputs), for the modes in wanted."""
+    return {m: measure(f, warmup=warmup, reps=reps) for m, f in modes(fn, inputs, go).items() if m in wanted}
 
 
 def bench_training(rec, kind, T, S, H, D, dtype, reps, warmup, providers, summary):
@@ -142,12 +151,48 @@ def bench_decode(rec, kind, T, S, H, D, dtype, reps, warmup, summary):
                                   ideal))
 
 
+def bench_seq(rec, kinds, dtype, image_sides, T, H, D, reps, warmup):
+    """fwd+bwd speedup over dense masked SDPA as the image grows (the plot of speedup against length)."""
+    for S in image_sides:
+        N = T + S * S
+        x = [torch.randn(1, H, N, D, dtype=dtype, requires_grad=True) for _ in range(3)]
+        go = torch.randn(1, H, N, D, dtype=dtype)
+        for kind in kinds:
+            fns = {"dense": lambda q, k, v: dense_sparse_attention(q, k, v, kind, T, S),
+                   "dalle_fast": lambda q, k, v: dalle_fast.sparse_attention(q, k, v, kind, T, S)}
+            t = {p: time_modes(f, x, go, reps, warmup, ("fwd+bwd",))["fwd+bwd"] for p, f in fns.items()}
+            density = int(dalle_fast.attention_mask(kind, T, S).sum()) / N ** 2
+            for prov, tm in t.items():
+                rec.add(op="sparse_attention_seq", provider=prov, mode="fwd+bwd", shape=f"{kind} B1xH{H}xN{N}xD{D}",
+                        dtype=str(dtype).replace("torch.", ""), device="cpu",
+                        ratio=t["dense"]["median_ms"] / tm["median_ms"],
+                        extra=f"density={density:.4f};ideal={1 / density:.2f};text={T};image={S}x{S}", **tm)
+            print(f"  seq N={N} {kind}: x{t['dense']['median_ms'] / t['dalle_fast']['median_ms']:.2f} "
+                  f"(ideal x{1 / density:.2f})", flush=True)
+
+
+def case(provider, mode, quick=True):
+    """One timed callable (shared with benchmarks/test_benchmarks.py): row attention at T=64 + 16x16
+    (quick) or the paper's shape, provider dense or dalle_fast, mode fwd / bwd / fwd+bwd."""
+    T, S, H, D = (64, 16, 4, 64) if quick else (256, 32, 8, 64)
+    x = [torch.randn(1, H, T + S * S, D, requires_grad=True) for _ in range(3)]
+    go = torch.randn(1, H, T + S * S, D)
+    fn = {"dense": lambda q, k, v: dense_sparse_attention(q, k, v, "row", T, S),
+          "dalle_fast": lambda q, k, v: dalle_fast.sparse_attention(q, k, v, "row", T, S)}[provider]
+    return modes(fn, x, go)[mode]
+
+
+CASES = [(p, m) for m in ("fwd", "fwd+bwd") for p in ("dense", "dalle_fast")]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fp32, few reps, Flex for row only, no CSV")
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--dtypes", default=None, help="comma list, default float32,bfloat16 (quick: float32)")
     ap.add_argument("--threads", type=int, default=2, help="1 gives steadier numbers on a shared machine")
+    ap.add_argument("--no-seq", action="store_true", help="skip the sweep over sequence lengths")
+    ap.add_argument("--seq-only", action="store_true", help="only the sweep over sequence lengths")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     T, S, H, D = 256, 32, 8, 64
@@ -157,6 +202,14 @@ def main(argv=None):
     print(f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
           f"shape T={T} {S}x{S} heads={H} D={D} batch 1")
     ok = all(check_correctness(kind, 16, 8, D, dt) for kind in kinds for dt in dtypes)
+    if args.seq_only:
+        rec = Recorder("sparse_attention")
+        bench_seq(rec, [k for k in ("row", "column") if k in kinds], torch.float32,
+                  (8, 16) if args.quick else (8, 16, 24, 32), 64 if args.quick else 256, H, D, reps, warmup)
+        rec.print_table()
+        if wants_csv(args.quick):
+            print("CSV:", rec.write())
+        return 0 if ok else 1
     summary = {"peak": {dt: matmul_peak_gflops("cpu", dt) for dt in dtypes}, "train": [], "decode": []}
     print("matmul peak GFLOP/s: " + ", ".join(f"{d}: {p:.0f}" for d, p in summary["peak"].items()))
     rec = Recorder("sparse_attention")
@@ -170,6 +223,10 @@ def main(argv=None):
             print(f"-- {kind} {dt}", flush=True)
             bench_training(rec, kind, T, S, H, D, dt, reps, warmup, providers, summary)
             bench_decode(rec, kind, T, S, H, D, dt, reps, warmup, summary)
+    if not args.no_seq:
+        print("-- speedup against sequence length (row, column; fp32)", flush=True)
+        bench_seq(rec, [k for k in ("row", "column") if k in kinds], torch.float32,
+                  (8, 16) if args.quick else (8, 16, 24, 32), 64 if args.quick else 256, H, D, reps, warmup)
     rec.print_table()
     print("\nsummary (dalle_fast vs dense SDPA; goal row/column fwd+bwd >= 60% of ideal, faster than flex fwd):")
     for kind, dt, mode, ratio, ideal, share, flex_ms, ms in summary["train"]:
@@ -178,7 +235,7 @@ def main(argv=None):
     print("decode (vs a full-attention cached step; goal at the last position >= 70% of ideal):")
     for kind, dt, pos, ratio, ideal in summary["decode"]:
         print(f"  {kind:7s} {str(dt):15s} pos {pos:5d} x{ratio:.2f} of ideal x{ideal:.2f} = {100 * ratio / ideal:.0f}%")
-    if not args.quick:
+    if wants_csv(args.quick):
         print("CSV:", rec.write())
     return 0 if ok else 1
 

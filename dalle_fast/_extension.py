@@ -23,6 +23,10 @@ def load():
 
 
 def backends():
-    """Backends compiled into the library: ['cpu'] or ['cpu', 'cuda']."""
+    """Backends compiled into the library.
+
+    Returns:
+        ['cpu'] or ['cpu', 'cuda'].
+    """
     import torch
     return str(torch.ops.dalle_fast._build_info()).split(",")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint, model directory or pointer file that is missing, corrupt or does not match."""
 
 
 def _fsync_dir(path):
@@ -38,6 +38,12 @@ def _default_file_mode():
 
 
 def atomic_write_json(obj, path):
+    """Writes JSON into a temporary file in the same folder, fsyncs it and renames it into place.
+
+    Args:
+        obj: JSON-able object.
+        path: the destination.
+    """
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
@@ -57,7 +63,13 @@ def atomic_write_json(obj, path):
 
 def atomic_save_safetensors(tensors, path, metadata=None):
     """safetensors.save_file into a temp file, then rename. Tensors are made contiguous and shared
-    storage is broken (safetensors refuses aliasing tensors)."""
+    storage is broken (safetensors refuses aliasing tensors).
+
+    Args:
+        tensors: {name: tensor}.
+        path: the destination.
+        metadata: optional {str: str} stored in the file.
+    """
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".safetensors")
@@ -74,6 +86,12 @@ def atomic_save_safetensors(tensors, path, metadata=None):
 
 
 def load_safetensors(path, device="cpu"):
+    """Args:
+        path: a .safetensors file.
+        device: where the tensors go.
+    Returns:
+        {name: tensor}.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
@@ -83,7 +101,15 @@ def load_safetensors(path, device="cpu"):
 
 
 def optimizer_state_to_tensors(optimizer, state_dict=None):
-    """(tensors, json_meta) for optimizer.state_dict() (or the given one): tensors flattened as 'state.<i>.<key>'."""
+    """optimizer.state_dict() (or the given state dict) as tensors (flattened as 'state.<i>.<key>') and JSON metadata.
+
+    Args:
+        optimizer: a torch optimizer.
+        state_dict: its state dict, if already gathered (e.g. a full state dict under FSDP2); default
+            optimizer.state_dict().
+    Returns:
+        (tensors, json_meta).
+    """
     sd = optimizer.state_dict() if state_dict is None else state_dict
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
@@ -96,6 +122,13 @@ def optimizer_state_to_tensors(optimizer, state_dict=None):
 
 
 def optimizer_state_from_tensors(tensors, meta):
+    """The inverse of optimizer_state_to_tensors.
+
+    Args:
+        tensors, meta: what optimizer_state_to_tensors returned.
+    Returns:
+        A state dict for optimizer.load_state_dict.
+    """
     state = {}
     for name, val in tensors.items():
         _, idx, key = name.split(".", 2)
@@ -107,8 +140,18 @@ def optimizer_state_from_tensors(tensors, meta):
 
 
 def save_checkpoint(run_dir, step, tensor_groups, meta, keep=3):
-    """tensor_groups: {"model": {name: tensor}, "ema": ..., "optim": ...}; meta: JSON-able dict.
-    Returns the checkpoint's directory."""
+    """Writes run_dir/checkpoints/step-<step>/ atomically (a temp directory renamed into place), then
+    points latest.json at it and keeps the newest `keep`.
+
+    Args:
+        run_dir: the run's folder.
+        step: training step.
+        tensor_groups: {"model": {name: tensor}, "ema": ..., "optim": ...}, one .safetensors file each.
+        meta: JSON-able dict (meta.json).
+        keep: checkpoints kept (0: all).
+    Returns:
+        The checkpoint's directory.
+    """
     ckpt_root = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     name = f"step-{step:08d}"
@@ -144,7 +187,13 @@ def _prune(ckpt_root, keep):
 
 
 def latest_checkpoint(run_dir):
-    """Directory of the newest complete checkpoint of a run, or None."""
+    """Directory of the newest complete checkpoint of a run, or None.
+
+    Args:
+        run_dir: the run's folder.
+    Returns:
+        A path or None; CheckpointError for a corrupt pointer.
+    """
     ptr = os.path.join(run_dir, "checkpoints", "latest.json")
     if not os.path.isfile(ptr):
         return None
@@ -157,7 +206,14 @@ def latest_checkpoint(run_dir):
 
 
 def load_checkpoint(ckpt_dir, device="cpu"):
-    """(tensor_groups, meta) of a checkpoint directory written by save_checkpoint."""
+    """What save_checkpoint wrote.
+
+    Args:
+        ckpt_dir: a checkpoint directory.
+        device: where the tensors go.
+    Returns:
+        (tensor_groups, meta).
+    """
     meta_path = os.path.join(ckpt_dir, "meta.json")
     try:
         with open(meta_path) as f:

@@ -25,8 +25,19 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 
 
 def shapes_clip_config(vocab_size, text_len, image_size=64, embed_dim=64, width=128, layers=2, patch_size=None):
-    """model_cfg of a small open_clip CLIP for Shapes: a ViT over patches of patch_size pixels (default: an
-    8x8 grid of patches) and a 2-layer text tower."""
+    """model_cfg of a small open_clip CLIP for Shapes: a ViT over patches and a small text tower.
+
+    Args:
+        vocab_size: the BPE vocabulary.
+        text_len: text context length.
+        image_size: pixels per side.
+        embed_dim: the joint embedding's width.
+        width: both towers' width.
+        layers: both towers' depth.
+        patch_size: pixels per patch side (default: an 8x8 grid of patches).
+    Returns:
+        A dict for build_clip / open_clip.
+    """
     return {
         "custom_text": True,  # open_clip's CustomTextCLIP: the text tower that supports embed_cls
         "embed_dim": embed_dim,
@@ -44,7 +55,15 @@ SHAPES_PREPROCESS = {"size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]
 
 
 class CLIPReranker:
-    """score(images in [0, 1] (B, 3, H, W), captions) -> cosine similarity (B,) of each image with its caption."""
+    """Scores images against captions with an open_clip model: score(images in [0, 1] (B, 3, H, W),
+    captions) -> cosine similarity (B,) of each image with its caption; rerank keeps the best.
+
+    Args:
+        model: an open_clip CLIP model.
+        tokenize: callable(list of str) -> token ids for model.encode_text.
+        preprocess_cfg: dict with size, mean, std (open_clip's preprocess config).
+        device: where the model runs.
+    """
 
     def __init__(self, model, tokenize, preprocess_cfg, device="cpu"):
         self.model = model.to(device).eval()
@@ -57,6 +76,16 @@ class CLIPReranker:
 
     @classmethod
     def from_pretrained(cls, path, arch=None, device="cpu"):
+        """A reranker from an open_clip local directory (save_clip, optionally with our BPE tokenizer) or an
+        open_clip checkpoint file with its architecture name.
+
+        Args:
+            path: a directory written by save_clip, or a checkpoint file.
+            arch: the open_clip architecture of a checkpoint file (e.g. 'ViT-B-32').
+            device: where the model runs.
+        Returns:
+            A CLIPReranker.
+        """
         import open_clip
         if os.path.isdir(path):
             cfg_path = os.path.join(path, CONFIG_NAME)
@@ -88,6 +117,11 @@ class CLIPReranker:
         return cls(model, open_clip.get_tokenizer(arch), get_model_preprocess_cfg(model), device)
 
     def preprocess(self, images):
+        """Args:
+            images: (B, 3, H, W) in [0, 1].
+        Returns:
+            The model's input: resized to its size and normalised.
+        """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got {tuple(images.shape)}")
         x = images.float().to(self.device)
@@ -97,14 +131,33 @@ class CLIPReranker:
 
     @torch.no_grad()
     def embed_images(self, images):
+        """Args:
+            images: (B, 3, H, W) in [0, 1].
+        Returns:
+            (B, embed_dim) unit-norm fp32 embeddings.
+        """
         return F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
 
     @torch.no_grad()
     def embed_texts(self, captions):
+        """Args:
+            captions: an iterable of str.
+        Returns:
+            (len(captions), embed_dim) unit-norm fp32 embeddings.
+        """
         return F.normalize(self.model.encode_text(self.tokenize(list(captions)).to(self.device)).float(), dim=-1)
 
     @torch.no_grad()
     def score(self, images, captions, batch_size=256):
+        """Cosine similarity of each image with its caption.
+
+        Args:
+            images: (B, 3, H, W) in [0, 1].
+            captions: one caption for all, or a list of B.
+            batch_size: images embedded at once.
+        Returns:
+            (B,) fp32 scores on the CPU.
+        """
         if isinstance(captions, str):
             captions = [captions] * images.shape[0]
         if len(captions) != images.shape[0]:
@@ -120,14 +173,29 @@ class CLIPReranker:
         return torch.cat(out).cpu() if out else torch.zeros(0)
 
     def rerank(self, images, caption, keep):
-        """(best `keep` images of one caption, best first, their scores)."""
+        """The best images of one caption.
+
+        Args:
+            images: (B, 3, H, W) in [0, 1].
+            caption: str.
+            keep: how many to keep.
+        Returns:
+            (the best `keep` images, best first, their scores).
+        """
         scores = self.score(images, caption)
         order = scores.argsort(descending=True)[:keep]
         return images[order.to(images.device)], scores[order]
 
 
 def build_clip(model_cfg, **kwargs):
-    """A fresh open_clip model from a model_cfg, as open_clip.create_model builds it."""
+    """A fresh open_clip model from a model_cfg, as open_clip.create_model builds it.
+
+    Args:
+        model_cfg: e.g. shapes_clip_config(...); 'custom_text' selects CustomTextCLIP.
+        **kwargs: passed to the model's constructor.
+    Returns:
+        An open_clip CLIP or CustomTextCLIP.
+    """
     import open_clip
     cfg = dict(model_cfg)
     custom = cfg.pop("custom_text", False)
@@ -135,7 +203,17 @@ def build_clip(model_cfg, **kwargs):
 
 
 def save_clip(model, directory, model_cfg, preprocess_cfg=None, tokenizer_file=None):
-    """Writes an open_clip local-dir: open_clip_config.json + open_clip_model.safetensors (+ our tokenizer)."""
+    """Writes an open_clip local-dir: open_clip_config.json + open_clip_model.safetensors (+ our tokenizer).
+
+    Args:
+        model: the open_clip model.
+        directory: created if missing.
+        model_cfg: its config (shapes_clip_config).
+        preprocess_cfg: default: the Shapes preprocessing.
+        tokenizer_file: our BPE tokenizer JSON, copied beside the weights.
+    Returns:
+        directory.
+    """
     import shutil
     from .checkpoint import atomic_save_safetensors, atomic_write_json
     os.makedirs(directory, exist_ok=True)

@@ -16,6 +16,14 @@ import torch
 
 @dataclasses.dataclass
 class Generation:
+    """What generate returns.
+
+    Args:
+        images: (num_captions, k, 3, H, W) in [0, 1], best first when reranked.
+        tokens: (num_captions, k, h, w) image tokens.
+        scores: (num_captions, k) CLIP scores, or None without a reranker.
+        captions: the captions, in order.
+    """
     images: torch.Tensor            # (num_captions, k, 3, H, W) in [0, 1], best first when reranked
     tokens: torch.Tensor            # (num_captions, k, h, w) image tokens
     scores: Optional[torch.Tensor]  # (num_captions, k) CLIP scores, or None without a reranker
@@ -39,9 +47,19 @@ def _filter_logits(logits, top_k=None, top_p=None):
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row of logits (B, V), drawn from softmax(logits / temperature) by inverting its CDF
+    """One token per row of logits, drawn from softmax(logits / temperature) by inverting its CDF
     with one uniform per row (on the CPU a seventh of torch.multinomial's cost at V = 8192, which
-    matters when a sampling step is a millisecond). Tokens of probability 0 are never drawn."""
+    matters when a sampling step is a millisecond). Tokens of probability 0 are never drawn.
+
+    Args:
+        logits: (B, V).
+        temperature: > 0.
+        top_k: keep only the k most likely tokens (None: all).
+        top_p: keep the smallest set of tokens of total probability top_p (None: all).
+        generator: torch.Generator of the uniforms.
+    Returns:
+        LongTensor (B,) of token ids.
+    """
     logits = _filter_logits(logits.float() / temperature, top_k, top_p)
     cdf = logits.softmax(-1).double().cumsum_(-1)  # fp64 running sum: exact zeros stay flat
     total = cdf[:, -1:]
@@ -77,7 +95,17 @@ def _check_args(captions, num_images, temperature, top_k, top_p, keep):
 @torch.no_grad()
 def sample_tokens(model, text, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True,
                   progress=None):
-    """Image tokens (B, image_len) for text ids (B, text_len). progress: a callable(n) or None."""
+    """Image tokens for text ids, one token at a time.
+
+    Args:
+        model: a DALLE.
+        text: (B, text_len) ids.
+        temperature, top_k, top_p, generator: as for sample_logits.
+        use_cache: sample through the KV caches (prefill + decode_step); False recomputes the prefix.
+        progress: a callable(n) called after each token, or None.
+    Returns:
+        LongTensor (B, image_len).
+    """
     cfg = model.config
     B, M = text.shape[0], cfg.image_len
     out = text.new_empty(B, M, dtype=torch.long)
@@ -102,9 +130,24 @@ def sample_tokens(model, text, temperature=1.0, top_k=None, top_p=None, generato
 @torch.no_grad()
 def generate(model, vae, captions, num_images=1, temperature=1.0, top_k=None, top_p=None, seed=None,
              clip=None, keep=None, tokenizer=None, use_cache=True, batch_size=None, progress=False):
-    """num_images samples per caption; with a CLIP reranker (dalle_fast.clip.CLIPReranker) only the best
-    `keep` per caption are returned, best first. tokenizer: a dalle_fast.tokenizer.BPETokenizer
-    (default: model.tokenizer)."""
+    """Text to image: samples, decodes with the dVAE and, with a CLIP reranker, keeps the best.
+
+    Args:
+        model: a DALLE.
+        vae: its DiscreteVAE.
+        captions: a caption or a list of them.
+        num_images: samples per caption.
+        temperature, top_k, top_p: as for sample_logits.
+        seed: seeds the sampling generator (None: torch's default generator).
+        clip: a dalle_fast.clip.CLIPReranker, or None.
+        keep: with clip, the best `keep` per caption are returned, best first.
+        tokenizer: a dalle_fast.tokenizer.BPETokenizer (default: model.tokenizer).
+        use_cache: as for sample_tokens.
+        batch_size: sequences sampled at once (default: all).
+        progress: show a tqdm bar.
+    Returns:
+        A Generation.
+    """
     captions = _check_args(captions, num_images, temperature, top_k, top_p, keep)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -156,16 +199,28 @@ def generate(model, vae, captions, num_images=1, temperature=1.0, top_k=None, to
 
 # ---- models on disk ----
 def bundled_model_dir():
-    """dalle_fast/assets: the small Shapes model shipped in the package."""
+    """dalle_fast/assets: the small Shapes model shipped in the package.
+
+    Returns:
+        Its path (str).
+    """
     from importlib.resources import files
     return str(files("dalle_fast") / "assets")
 
 
 def load_bundle(checkpoint=None, device="cpu", backend=None, dtype=torch.float32):
-    """(model, vae, tokenizer, clip or None) of a model directory holding dalle/, dvae/, tokenizer.json
-    and optionally clip/ (the bundled assets, or a train-dalle run's export/). dtype: that of the
-    transformer's residual branches (DALLE.cast_resblocks_, the paper's mixed precision: embeddings,
-    gains, heads and logits stay fp32); the dVAE and CLIP load in fp32."""
+    """The parts of a model directory holding dalle/, dvae/, tokenizer.json and optionally clip/ (the
+    bundled assets, or a train-dalle run's export/).
+
+    Args:
+        checkpoint: the directory (default: the bundled model).
+        device: where the models go.
+        backend: attention backend override ('fused', 'flex', 'dense'), or None.
+        dtype: that of the transformer's residual branches (DALLE.cast_resblocks_, the paper's mixed
+          precision: embeddings, gains, heads and logits stay fp32); the dVAE and CLIP load in fp32.
+    Returns:
+        (model, vae, tokenizer, clip or None).
+    """
     from .clip import CLIPReranker
     from .models.dalle import DALLE
     from .models.dvae import DiscreteVAE
@@ -189,7 +244,16 @@ def load_bundle(checkpoint=None, device="cpu", backend=None, dtype=torch.float32
 
 
 def save_images(images, directory, captions, scores=None):
-    """Every image of a (num_captions, k, 3, H, W) batch as its own PNG; returns the paths."""
+    """Every image of a batch as its own PNG.
+
+    Args:
+        images: (num_captions, k, 3, H, W) in [0, 1].
+        directory: created if missing.
+        captions: one per row of images (used in the file names).
+        scores: optional (num_captions, k) CLIP scores (in the file names).
+    Returns:
+        The list of paths written.
+    """
     from PIL import Image
     os.makedirs(directory, exist_ok=True)
     paths = []
@@ -234,6 +298,11 @@ def _cmd_generate(args):
 
 
 def register(subparsers):
+    """Adds the `generate` command to the dalle-fast command line.
+
+    Args:
+        subparsers: the argparse subparsers of dalle_fast.cli.
+    """
     p = subparsers.add_parser("generate", help="text to image: sample, decode, rerank with CLIP, write a PNG grid",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("captions", nargs="+", help="one or more captions")

@@ -58,3 +58,50 @@ def make_noncontiguous(t):
     out.copy_(t)
     out.requires_grad_(t.requires_grad)
     return out
+
+
+def find_cuobjdump():
+    """Path of cuobjdump, or None. It ships with triton (a torch dependency: triton/backends/nvidia/bin),
+    pip's nvidia-cuda-cuobjdump, or the CUDA toolkit."""
+    import glob
+    import importlib.util
+    import os
+    import shutil
+    candidates = []
+    spec = importlib.util.find_spec("triton")
+    if spec and spec.origin:
+        candidates.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
+    candidates.append(shutil.which("cuobjdump"))
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"))):
+        if home:
+            candidates.append(os.path.join(home, "bin", "cuobjdump"))
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def sass_opcodes(library, keep=lambda name: True):
+    """{(arch, mangled kernel name): [opcode, ...]} read with cuobjdump -sass from a built library, for the
+    kernels whose name `keep` accepts. Needs no GPU. Args: library: path of a .so; keep: name filter.
+    Returns: the dict (empty for a library without device code)."""
+    import re
+    import subprocess
+    tool = find_cuobjdump()
+    if not tool:
+        raise FileNotFoundError("cuobjdump not found: it ships with triton (triton/backends/nvidia/bin), "
+                                "`pip install nvidia-cuda-cuobjdump`, or the CUDA toolkit")
+    text = subprocess.run([tool, "-sass", library], check=True, capture_output=True, text=True).stdout
+    out, arch, fn = {}, None, None
+    for line in text.splitlines():
+        m = re.search(r"arch = (sm_\d+)", line)
+        if m:
+            arch, fn = m.group(1), None
+            continue
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            fn = m.group(1) if keep(m.group(1)) else None
+            if fn:
+                out[(arch, fn)] = []
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if fn and m:
+            out[(arch, fn)].append(m.group(1))
+    return out

@@ -30,8 +30,13 @@ def _new_tokenizer():
 
 
 class BPETokenizer:
-    """Captions -> token ids. `dropout` is the BPE-dropout probability used only when encoding
-    with training=True (the saved file and inference never drop merges)."""
+    """Captions -> token ids (a byte-pair encoding of the `tokenizers` library, [PAD] = 0, [UNK] = 1).
+
+    Args:
+        tokenizer: a tokenizers.Tokenizer.
+        dropout: the BPE-dropout probability used only when encoding with training=True (the saved
+          file and inference never drop merges).
+    """
 
     def __init__(self, tokenizer, dropout=0.1):
         from tokenizers import Tokenizer
@@ -48,6 +53,16 @@ class BPETokenizer:
     # ---- construction and files ----
     @classmethod
     def train(cls, captions, vocab_size=16384, min_frequency=2, dropout=0.1):
+        """Trains a new BPE vocabulary on captions.
+
+        Args:
+            captions: an iterable of str.
+            vocab_size: vocabulary size (the paper: 16384).
+            min_frequency: least count of a pair to merge.
+            dropout: BPE-dropout for training-time encoding.
+        Returns:
+            A BPETokenizer.
+        """
         from tokenizers import trainers
         if vocab_size < len(BASE_ALPHABET) + 3:
             raise ValueError(f"vocab_size must be at least {len(BASE_ALPHABET) + 3}, got {vocab_size}")
@@ -60,7 +75,14 @@ class BPETokenizer:
 
     @classmethod
     def from_file(cls, path, dropout=None):
-        """dropout None: the training dropout stored in the file (model.dropout)."""
+        """A tokenizer saved by save.
+
+        Args:
+            path: the JSON file.
+            dropout: None: the training dropout stored in the file (model.dropout).
+        Returns:
+            A BPETokenizer.
+        """
         from tokenizers import Tokenizer
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file not found: {path}")
@@ -73,7 +95,11 @@ class BPETokenizer:
         return cls(tok, dropout)
 
     def save(self, path):
-        """One JSON file; the training BPE-dropout is stored as the BPE model's dropout."""
+        """One JSON file, written atomically; the training BPE-dropout is stored as the BPE model's dropout.
+
+        Args:
+            path: the destination.
+        """
         import json
         from .checkpoint import atomic_write_json
         atomic_write_json(json.loads(self._tok_train.to_str()), path)
@@ -84,11 +110,23 @@ class BPETokenizer:
         return self._tok.get_vocab_size()
 
     def normalize(self, text):
+        """Args:
+            text: a caption.
+        Returns:
+            The caption as the tokenizer sees it (lower case, whitespace normalised).
+        """
         return self._tok.normalizer.normalize_str(text)
 
     def encode(self, text, training=False):
         """Token ids of one caption (no padding). Raises ValueError on an empty caption or one made
-        only of characters the tokenizer has never seen."""
+        only of characters the tokenizer has never seen.
+
+        Args:
+            text: a caption.
+            training: apply BPE-dropout.
+        Returns:
+            A list of int ids.
+        """
         if not isinstance(text, str):
             raise TypeError(f"caption must be a str, got {type(text).__name__}")
         if not self.normalize(text):
@@ -101,12 +139,26 @@ class BPETokenizer:
         return enc.ids
 
     def decode(self, ids):
+        """Args:
+            ids: a list or tensor of ids; [PAD] and out-of-vocabulary ids (the per-position pads) are dropped.
+        Returns:
+            The text.
+        """
         if torch.is_tensor(ids):
             ids = ids.tolist()
         return self._tok.decode([int(i) for i in ids if int(i) != PAD_ID and int(i) < self.vocab_size])
 
     def tokenize(self, captions, text_len, training=False, truncate=True):
-        """LongTensor (len(captions), text_len): ids, truncated to text_len, [PAD] (0) after them."""
+        """A padded batch of ids.
+
+        Args:
+            captions: a str or a list of them.
+            text_len: columns of the result.
+            training: apply BPE-dropout.
+            truncate: cut longer captions (False: raise ValueError).
+        Returns:
+            LongTensor (len(captions), text_len): ids, [PAD] (0) after them.
+        """
         if isinstance(captions, str):
             captions = [captions]
         if text_len < 1:
@@ -124,8 +176,15 @@ class BPETokenizer:
 
 
 def iter_captions(source, shapes_count=20000, seed=0, split="train"):
-    """Captions of a data source: a .txt file (one caption a line), an image-caption folder (every
-    *.txt file in it, recursively), or "shapes" (the built-in Shapes set)."""
+    """Captions of a data source.
+
+    Args:
+        source: a .txt file (one caption a line), an image-caption folder (every *.txt file in it,
+          recursively), or "shapes" (the built-in Shapes set).
+        shapes_count, seed, split: of the Shapes set.
+    Yields:
+        str.
+    """
     if source == "shapes":
         from .data.shapes import Shapes
         yield from Shapes(length=shapes_count, seed=seed, split=split).captions()
@@ -160,6 +219,11 @@ def _cmd_train(args):
 
 
 def register(subparsers):
+    """Adds the `train-tokenizer` command to the dalle-fast command line.
+
+    Args:
+        subparsers: the argparse subparsers of dalle_fast.cli.
+    """
     p = subparsers.add_parser("train-tokenizer", help="train the BPE caption tokenizer (one JSON file)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="shapes",

@@ -3,59 +3,22 @@ built library, holds HMMA instructions (HGMMA also counts on sm_90) in the fp16 
 and backward kernels, and no local-memory traffic. Needs no GPU: it runs wherever the library was
 built with CUDA, and skips only for a CPU-only build."""
 import functools
-import glob
-import importlib.util
 import os
-import re
-import shutil
-import subprocess
 
 import pytest
 
 import dalle_fast
+from dalle_fast.testing import sass_opcodes
 
 MMA_KERNELS = ("fwd_mma_kernel", "dq_mma_kernel", "dkdv_mma_kernel")
 ELEMENT_TYPES = ("6__half", "13__nv_bfloat16")  # mangled template arguments
 HEAD_DIMS = (32, 64, 128)
 
 
-def find_cuobjdump():
-    """cuobjdump ships with triton (a torch dependency), pip's nvidia-cuda-cuobjdump, or the toolkit."""
-    candidates = []
-    spec = importlib.util.find_spec("triton")
-    if spec and spec.origin:
-        candidates.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
-    candidates.append(shutil.which("cuobjdump"))
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"))):
-        if home:
-            candidates.append(os.path.join(home, "bin", "cuobjdump"))
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
-
-
 @functools.lru_cache(maxsize=None)
 def sass_by_function():
     """{(arch, mangled function name): [opcodes]} for the sparse attention kernels of dalle_fast._C."""
-    tool = find_cuobjdump()
-    assert tool, ("cuobjdump not found: it ships with triton (triton/backends/nvidia/bin), "
-                  "`pip install nvidia-cuda-cuobjdump`, or the CUDA toolkit")
-    text = subprocess.run([tool, "-sass", dalle_fast._C.__file__], check=True, capture_output=True,
-                          text=True).stdout
-    out, arch, fn = {}, None, None
-    for line in text.splitlines():
-        m = re.search(r"arch = (sm_\d+)", line)
-        if m:
-            arch, fn = m.group(1), None
-            continue
-        m = re.search(r"Function : (\S+)", line)
-        if m:
-            fn = m.group(1) if "sparse_attention" in m.group(1) else None
-            if fn:
-                out[(arch, fn)] = []
-            continue
-        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if fn and m:
-            out[(arch, fn)].append(m.group(1))
-    return out
+    return sass_opcodes(dalle_fast._C.__file__, keep=lambda name: "sparse_attention" in name)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,17 @@ from .transforms import load_image, resize_center_crop, to_tensor
 
 
 def open_dataset(spec, image_size=64, bad=None, seed=0, length=100_000, split="train"):
-    """'shapes' -> Shapes(split='train'); a directory of .tar files, a .tar path, a glob or a brace
-    pattern -> WebDatasetShards (repeating); any other directory -> ImageCaptionFolder."""
+    """The reader for a data spec.
+
+    Args:
+        spec: 'shapes' -> Shapes; a directory of .tar files, a .tar path, a glob or a brace pattern ->
+          WebDatasetShards (repeating); any other directory -> ImageCaptionFolder.
+        image_size: pixels per side of the items.
+        bad: a shared BadDataCounter for the folder and shard readers.
+        seed, length, split: of Shapes.
+    Returns:
+        A torch Dataset or IterableDataset of (image, caption); FileNotFoundError for anything else.
+    """
     import glob
     import os
     if spec == "shapes":

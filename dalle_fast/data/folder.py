@@ -8,9 +8,17 @@ from .transforms import IMAGE_EXTENSIONS, decode_caption, load_image
 
 
 class ImageCaptionFolder(torch.utils.data.Dataset):
-    """Items (image (3, S, S) in [0, 1], caption str). Images without a caption file (or with an
-    empty one) are skipped when the folder is listed; an image that cannot be decoded is skipped
-    when read (the next readable item is returned instead). Both are counted in `bad`."""
+    """Items (image (3, S, S) in [0, 1], caption str) of a folder of img.png + img.txt pairs. Images
+    without a caption file (or with an empty one) are skipped when the folder is listed; an image that
+    cannot be decoded is skipped when read (the next readable item is returned instead). Both are
+    counted in `bad`.
+
+    Args:
+        root: the folder.
+        image_size: S; images are resized and centre-cropped.
+        recursive: also read subfolders.
+        bad: a shared BadDataCounter (default: a new one).
+    """
 
     def __init__(self, root, image_size=64, recursive=True, bad: BadDataCounter = None):
         if not os.path.isdir(root):

@@ -61,7 +61,11 @@ def caption_of(objects, relation=None):
 
 
 def all_captions():
-    """Every distinct caption Shapes can produce (36 single objects, 5,184 pairs), for tokenizers."""
+    """Every distinct caption Shapes can produce (36 single objects, 5,184 pairs), for tokenizers.
+
+    Yields:
+        str.
+    """
     objs = [{"size": s, "colour": c, "shape": sh} for s in SIZES for c in COLOURS for sh in SHAPES]
     for o in objs:
         yield caption_of([o])
@@ -84,7 +88,18 @@ def _draw(canvas, obj, x0, y0, d):
 
 
 class Shapes(torch.utils.data.Dataset):
-    """Items are (image float tensor (3, S, S) in [0, 1], caption str)."""
+    """The synthetic Shapes set: flat-colour circles, squares and triangles on black, one or two per image,
+    with captions; items are (image float tensor (3, S, S) in [0, 1], caption str), drawn
+    deterministically from (seed, split, index).
+
+    Args:
+        length: number of items.
+        seed: the set's seed.
+        image_size: S, pixels per side (>= 16).
+        split: 'train' (no held-out object), 'heldout' (the first object held out) or 'all'.
+        holdout: object descriptions held out of 'train' (default: green triangles).
+        p_two: probability of a two-object scene.
+    """
 
     def __init__(self, length=10000, seed=0, image_size=64, split="all", holdout=DEFAULT_HOLDOUT, p_two=0.5):
         if not isinstance(length, int) or length < 0:
@@ -114,7 +129,13 @@ class Shapes(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, _SPLIT_STREAM[self.split], index])
 
     def describe(self, index):
-        """The scene of item `index`: dict(objects=[{shape, colour, size, box=(x0, y0, d)}], relation, caption)."""
+        """The scene of an item, without drawing it.
+
+        Args:
+            index: item index.
+        Returns:
+            dict(objects=[{shape, colour, size, box=(x0, y0, d)}], relation, caption).
+        """
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for Shapes of length {self.length}")
         rng = self._rng(index)
@@ -154,6 +175,13 @@ class Shapes(torch.utils.data.Dataset):
             objs[i]["box"] = (x, y, sides[i])
 
     def render(self, scene):
+        """Draws a scene.
+
+        Args:
+            scene: a dict from describe.
+        Returns:
+            (3, S, S) float tensor in [0, 1].
+        """
         canvas = np.zeros((self.image_size, self.image_size, 3), np.uint8)
         for obj in scene["objects"]:
             _draw(canvas, obj, *obj["box"])
@@ -168,6 +196,10 @@ class Shapes(torch.utils.data.Dataset):
         return self.render(scene), scene["caption"]
 
     def captions(self):
-        """The captions of every item in order, without rendering images."""
+        """The captions of every item in order, without rendering images.
+
+        Yields:
+            str.
+        """
         for i in range(self.length):
             yield self.describe(i)["caption"]

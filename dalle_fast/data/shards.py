@@ -31,7 +31,14 @@ def expand_urls(urls):
 
 class WebDatasetShards(torch.utils.data.IterableDataset):
     """Yields (image (3, S, S) in [0, 1], caption str) from the shards in order. `skip` samples
-    are dropped first (the trainers' resume position); epochs repeat the shards when repeat=True."""
+    are dropped first (the trainers' resume position); epochs repeat the shards when repeat=True.
+
+    Args:
+        urls: shard paths: a list, a glob, a brace pattern (shards/{000..009}.tar) or a folder of .tar files.
+        image_size: S; images are resized and centre-cropped.
+        bad: a shared BadDataCounter (default: a new one).
+        repeat: start over at the end of the shards.
+    """
 
     def __init__(self, urls, image_size=64, bad: BadDataCounter = None, repeat=False):
         self.urls = expand_urls(urls)

@@ -9,7 +9,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Scales the shorter side to `size` (bicubic, antialiased) and crops the centre square."""
+    """Scales the shorter side to `size` (bicubic, antialiased) and crops the centre square.
+
+    Args:
+        img: a PIL image.
+        size: side of the result.
+    Returns:
+        A size x size PIL image.
+    """
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     img = img.convert("RGB")
@@ -23,13 +30,26 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB image -> float tensor (3, H, W) in [0, 1]."""
+    """PIL RGB image -> float tensor (3, H, W) in [0, 1].
+
+    Args:
+        img: a PIL RGB image.
+    Returns:
+        float tensor (3, H, W).
+    """
     arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
 
 
 def load_image(source, size: int) -> torch.Tensor:
-    """A path or bytes -> (3, size, size) float tensor in [0, 1]. Raises on unreadable data."""
+    """Reads, converts to RGB, resizes and centre-crops an image. Raises on unreadable data.
+
+    Args:
+        source: a path or the file's bytes.
+        size: side of the result.
+    Returns:
+        (3, size, size) float tensor in [0, 1].
+    """
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     with Image.open(source) as img:

@@ -36,7 +36,14 @@ def _count(sd, pattern):
 
 
 def config_from_openai(enc_sd, dec_sd, image_size=256):
-    """DVAEConfig matching the shapes of the two state dicts."""
+    """DVAEConfig matching the shapes of the two state dicts.
+
+    Args:
+        enc_sd, dec_sd: state dicts of a dall_e Encoder and Decoder.
+        image_size: sets config.image_size.
+    Returns:
+        A DVAEConfig; raises ValueError if the dicts are not a matching dall_e pair.
+    """
     try:
         w_in = enc_sd["blocks.input.w"]
         vocab, n_hid_out = enc_sd["blocks.output.conv.w"].shape[:2]
@@ -56,7 +63,13 @@ def config_from_openai(enc_sd, dec_sd, image_size=256):
 
 
 def convert_openai_state_dicts(encoder, decoder):
-    """({our state dict}, DVAEConfig) from a dall_e Encoder and Decoder (modules or state dicts)."""
+    """Our state dict and config from a dall_e Encoder and Decoder.
+
+    Args:
+        encoder, decoder: dall_e modules or their state dicts.
+    Returns:
+        (state dict of DiscreteVAE, DVAEConfig).
+    """
     enc_sd, dec_sd = _state_dict(encoder, "encoder"), _state_dict(decoder, "decoder")
     cfg = config_from_openai(enc_sd, dec_sd)
     sd = {**_rename(enc_sd, "encoder", "encoder"), **_rename(dec_sd, "decoder", "decoder")}
@@ -65,8 +78,16 @@ def convert_openai_state_dicts(encoder, decoder):
 
 def from_openai(encoder, decoder, image_size=256, backend="fused"):
     """A DiscreteVAE with the weights of a dall_e Encoder/Decoder pair (e.g. the released
-    encoder.pkl / decoder.pkl after torch.load). image_size only sets config.image_size (the
-    convolutional model runs on any multiple of 2**(group_count-1))."""
+    encoder.pkl / decoder.pkl after torch.load).
+
+    Args:
+        encoder, decoder: dall_e modules or their state dicts.
+        image_size: only sets config.image_size (the convolutional model runs on any multiple of
+          2**(group_count-1)).
+        backend: 'fused' or 'torch'.
+    Returns:
+        A DiscreteVAE.
+    """
     sd, cfg = convert_openai_state_dicts(encoder, decoder)
     cfg.image_size = image_size
     cfg.__post_init__()

@@ -27,6 +27,20 @@ KINDS = ("row", "column", "conv", "full")
 
 @dataclasses.dataclass
 class DALLEConfig:
+    """Sizes and options of the transformer; the defaults are the paper's 12B model.
+
+    Args:
+        num_text_tokens: BPE vocabulary (the per-position padding tokens come on top).
+        text_len: text tokens per caption.
+        num_image_tokens: the dVAE's codebook size.
+        image_size: image tokens per side.
+        dim, depth, heads, dim_head, mlp_mult: width, layers, attention heads, features per head, MLP expansion.
+        conv_kernel: odd kernel size of the last layer's conv mask.
+        backend: attention backend: 'fused' (dalle_fast's kernels), 'flex' or 'dense'.
+        attention_kinds: None for the paper's schedule, or one mask kind per layer.
+        dropout: of the residual branches' outputs.
+        text_loss_weight: the text loss's share of the loss (the image's is 1 - this; the paper: 1/8).
+    """
     num_text_tokens: int = 16384       # BPE vocabulary (the per-position padding tokens come on top)
     text_len: int = 256
     num_image_tokens: int = 8192       # dVAE codebook
@@ -68,6 +82,11 @@ class DALLEConfig:
         return self.text_len + self.image_len
 
     def kinds(self):
+        """The attention mask of every layer.
+
+        Returns:
+            A list of depth kinds: attention_kinds, or the paper's schedule (dalle_fast.attention_schedule).
+        """
         if self.attention_kinds is not None:
             return list(self.attention_kinds)
         from ..ops.sparse_attention import attention_schedule
@@ -75,28 +94,58 @@ class DALLEConfig:
 
     @classmethod
     def paper(cls, **kw):
-        """The 12B model of the paper: 64 layers, 62 heads of 64, d_model 3968, 256 + 32x32 tokens."""
+        """The 12B model of the paper: 64 layers, 62 heads of 64, d_model 3968, 256 + 32x32 tokens.
+
+        Args:
+            **kw: fields to override.
+        Returns:
+            A DALLEConfig.
+        """
         return cls(**kw)
 
     @classmethod
     def tiny(cls, **kw):
-        """For tests: a few thousand parameters per layer."""
+        """For tests: a few thousand parameters per layer.
+
+        Args:
+            **kw: fields to override.
+        Returns:
+            A DALLEConfig.
+        """
         base = dict(num_text_tokens=64, text_len=8, num_image_tokens=32, image_size=4, dim=32, depth=2,
                     heads=2, dim_head=16, conv_kernel=3)
         return cls(**{**base, **kw})
 
     @classmethod
     def shapes(cls, **kw):
-        """The bundled model: Shapes captions (about 20 BPE tokens) and a 64x64 -> 8x8 token dVAE."""
+        """The bundled model: Shapes captions (about 20 BPE tokens) and a 64x64 -> 8x8 token dVAE.
+
+        Args:
+            **kw: fields to override.
+        Returns:
+            A DALLEConfig.
+        """
         base = dict(num_text_tokens=128, text_len=24, num_image_tokens=256, image_size=8, dim=192, depth=4,
                     heads=4, dim_head=48, conv_kernel=5)
         return cls(**{**base, **kw})
 
     def to_dict(self):
+        """The config as a JSON-able dict.
+
+        Returns:
+            {field: value}.
+        """
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d):
+        """The inverse of to_dict.
+
+        Args:
+            d: {field: value}; unknown fields raise ValueError.
+        Returns:
+            A DALLEConfig.
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
@@ -111,7 +160,12 @@ def _attention_module(cfg, kind):
 
 
 class AttentionBranch(nn.Module):
-    """attn(norm(x)): one residual branch (no identity path)."""
+    """attn(norm(x)): one residual branch (no identity path).
+
+    Args:
+        cfg: the DALLEConfig.
+        kind: this layer's attention mask kind.
+    """
 
     def __init__(self, cfg, kind):
         super().__init__()
@@ -120,11 +174,22 @@ class AttentionBranch(nn.Module):
         self.attn = _attention_module(cfg, kind)
 
     def forward(self, x, kv_cache=None, position=None):
+        """The branch's output, to be added to the residual stream.
+
+        Args:
+            x, kv_cache, position: as for dalle_fast.nn.SparseSelfAttention.forward.
+        Returns:
+            (B, n, dim).
+        """
         return self.attn(self.norm(x), kv_cache=kv_cache, position=position)
 
 
 class MLPBranch(nn.Module):
-    """fc2(gelu(fc1(norm(x)))): one residual branch (no identity path)."""
+    """fc2(gelu(fc1(norm(x)))): one residual branch (no identity path).
+
+    Args:
+        cfg: the DALLEConfig.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -134,22 +199,48 @@ class MLPBranch(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        """The branch's output, to be added to the residual stream.
+
+        Args:
+            x: (B, n, dim) residual stream.
+        Returns:
+            (B, n, dim).
+        """
         h = self.norm(x)
         return self.dropout(self.fc2(F.gelu(self.fc1(h.to(self.fc1.weight.dtype)))))
 
 
 class TransformerLayer(nn.Module):
+    """One pre-norm layer: x + attention branch, then + MLP branch.
+
+    Args:
+        cfg: the DALLEConfig.
+        kind: this layer's attention mask kind.
+    """
     def __init__(self, cfg, kind):
         super().__init__()
         self.attn = AttentionBranch(cfg, kind)
         self.mlp = MLPBranch(cfg)
 
     def forward(self, x, kv_cache=None, position=None):
+        """Args:
+            x, kv_cache, position: as for dalle_fast.nn.SparseSelfAttention.forward.
+        Returns:
+            The residual stream after the layer, x's shape.
+        """
         x = x + self.attn(x, kv_cache=kv_cache, position=position)
         return x + self.mlp(x)
 
 
 class DALLE(nn.Module):
+    """DALL-E's transformer over text_len text tokens then image_size^2 image tokens, with per-position
+    padding tokens, row/column embeddings of the image grid, the paper's attention schedule, fp32 heads,
+    cached sampling (prefill, decode_step) and safetensors files.
+
+    Args:
+        config: a DALLEConfig (or its dict).
+        vae: optional DiscreteVAE whose codebook and token grid must match (kept, not a submodule).
+    """
     def __init__(self, config, vae=None):
         super().__init__()
         if isinstance(config, dict):
@@ -186,8 +277,9 @@ class DALLE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        # GPT-2 style: N(0, 0.02), and the output projection of every branch scaled down by
-        # sqrt(2 * depth) so the residual stream's variance does not grow with depth.
+        """GPT-2 style initialisation: N(0, 0.02), and the output projection of every branch scaled down by
+        sqrt(2 * depth) so that the residual stream's variance does not grow with depth.
+        """
         if next(self.parameters()).device.type == "meta":
             return
         for m in self.modules():
@@ -204,14 +296,24 @@ class DALLE(nn.Module):
     def cast_resblocks_(self, dtype):
         """The paper's mixed precision (Appendix D) for sampling: the matrices of every residual branch
         (qkv, output projection, MLP) and their biases in `dtype` (16-bit), the KV caches too; gains,
-        embeddings, unembeddings and the residual stream stay fp32, the logits fp32. Returns self."""
+        embeddings, unembeddings and the residual stream stay fp32, the logits fp32.
+
+        Args:
+            dtype: torch.bfloat16 or torch.float16.
+        Returns:
+            self.
+        """
         for layer in self.layers:
             for lin in (layer.attn.attn.to_qkv, layer.attn.attn.to_out, layer.mlp.fc1, layer.mlp.fc2):
                 lin.to(dtype)
         return self
 
     def resblocks(self):
-        """The residual branches in order (2 per layer: attention then MLP)."""
+        """The residual branches in order (2 per layer: attention then MLP).
+
+        Yields:
+            AttentionBranch and MLPBranch modules.
+        """
         for layer in self.layers:
             yield layer.attn
             yield layer.mlp
@@ -226,7 +328,13 @@ class DALLE(nn.Module):
 
     # ---- inputs ----
     def text_ids(self, text):
-        """[PAD] (0) at position i -> the learned padding token num_text_tokens + i."""
+        """[PAD] (0) at position i -> the learned padding token num_text_tokens + i.
+
+        Args:
+            text: (B, text_len) integer ids in [0, num_text_tokens).
+        Returns:
+            (B, text_len) long ids into the text embedding.
+        """
         cfg = self.config
         if text.dim() != 2 or text.shape[1] != cfg.text_len:
             raise ValueError(f"text must be (batch, text_len={cfg.text_len}) token ids, got {tuple(text.shape)}")
@@ -251,10 +359,22 @@ class DALLE(nn.Module):
         return image.long()
 
     def embed_text(self, text):
+        """Args:
+            text: (B, text_len) ids.
+        Returns:
+            (B, text_len, dim): token plus position embeddings.
+        """
         return self.text_emb(self.text_ids(text)) + self.text_pos.weight
 
     def embed_image(self, image, start=0):
-        """Embeddings of image tokens (B, n) at raster positions start .. start + n - 1."""
+        """Embeddings of image tokens at raster positions start .. start + n - 1.
+
+        Args:
+            image: (B, n) image token ids.
+            start: raster position of the first token.
+        Returns:
+            (B, n, dim): token plus row and column embeddings.
+        """
         W = self.config.image_size
         p = torch.arange(start, start + image.shape[1], device=image.device)
         return self.image_emb(image) + self.image_row(p // W) + self.image_col(p % W)
@@ -268,14 +388,32 @@ class DALLE(nn.Module):
             return F.linear(x, head.weight.to(dt), head.bias.to(dt))
 
     def text_logits(self, h):
+        """Args:
+            h: (..., dim) residual stream.
+        Returns:
+            fp32 logits (..., num_text_tokens + text_len) after the final norm.
+        """
         return self._logits(self.to_text_logits, h)
 
     def image_logits(self, h):
+        """Args:
+            h: (..., dim) residual stream.
+        Returns:
+            fp32 logits (..., num_image_tokens) after the final norm.
+        """
         return self._logits(self.to_image_logits, h)
 
     # ---- forward ----
     def hidden(self, text, image=None, kv_caches=None):
-        """Final residual stream (B, n, dim) of the prefix text + image[:, :n_img] (n = T + n_img)."""
+        """Final residual stream of the prefix text + image (n = T + n_img).
+
+        Args:
+            text: (B, text_len) ids.
+            image: None or (B, n_img) image tokens.
+            kv_caches: None, or new_kv_caches(B): every layer's keys/values are written into it.
+        Returns:
+            (B, n, dim).
+        """
         x = self.embed_text(text)
         if image is not None and image.shape[1] > 0:
             x = torch.cat([x, self.embed_image(image)], dim=1)
@@ -284,10 +422,17 @@ class DALLE(nn.Module):
         return x
 
     def forward(self, text, image=None, return_loss=False):
-        """text (B, text_len) ids; image (B, n) or (B, h, w) tokens with n <= image_len.
-        return_loss=False: (text_logits (B, T-1, text vocab + pads), image_logits (B, n_img, image vocab)),
-        image_logits[:, j] being the prediction of image token j. return_loss=True (full image):
-        the weighted loss, and its text and image parts as (loss, text_loss, image_loss)."""
+        """Logits of the next token at every position, or the paper's loss.
+
+        Args:
+            text: (B, text_len) ids.
+            image: (B, n) or (B, h, w) image tokens, n <= image_len (the full image for return_loss).
+            return_loss: return the losses instead of the logits.
+        Returns:
+            return_loss=False: (text_logits (B, T-1, text vocab + pads), image_logits (B, n_img, image vocab)),
+            image_logits[:, j] being the prediction of image token j. return_loss=True: (loss, text_loss,
+            image_loss), loss = text_loss_weight * text_loss + (1 - text_loss_weight) * image_loss.
+        """
         cfg = self.config
         B = text.shape[0] if text.dim() else 0
         image = self._check_image(image, B) if image is not None else text.new_zeros(B, 0, dtype=torch.long)
@@ -309,7 +454,15 @@ class DALLE(nn.Module):
 
     # ---- cached decoding (used by dalle_fast.generate) ----
     def new_kv_caches(self, batch, dtype=None, device=None):
-        """One preallocated KVCache per layer, as a DecodeCaches list (it also holds what the fused step needs)."""
+        """One preallocated KVCache per layer, as a DecodeCaches list (it also holds what the fused step needs).
+
+        Args:
+            batch: sequences sampled at once.
+            dtype: the caches' dtype (default: the model's).
+            device: default: the model's.
+        Returns:
+            A DecodeCaches.
+        """
         from ..nn import KVCache
         p = self.layers[0].attn.attn.to_qkv.weight  # the attention's dtype (see cast_resblocks_)
         cfg = self.config
@@ -317,13 +470,23 @@ class DALLE(nn.Module):
                             for _ in self.layers)
 
     def prefill(self, text, kv_caches):
-        """One parallel pass over the prompt: fills the caches at positions 0..T-1 and returns the
-        fp32 logits (B, image vocab) of image token 0."""
+        """One parallel pass over the prompt: fills the caches at positions 0..T-1.
+
+        Args:
+            text: (B, text_len) ids.
+            kv_caches: new_kv_caches(B).
+        Returns:
+            fp32 logits (B, image vocab) of image token 0.
+        """
         h = self.hidden(text, None, kv_caches)
         return self.image_logits(h[:, -1])
 
     def decode_params(self):
-        """The tensors of one cached step, in the order of dalle_fast.ops.decode_step.transformer_decode_step."""
+        """The tensors of one cached step.
+
+        Returns:
+            A list in the order of dalle_fast.ops.decode_step.transformer_decode_step.
+        """
         ps = [self.image_emb.weight, self.image_row.weight, self.image_col.weight]
         for layer in self.layers:
             a, m = layer.attn, layer.mlp
@@ -342,10 +505,17 @@ class DALLE(nn.Module):
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
 
     def decode_step(self, image_token, index, kv_caches, fused=None):
-        """image_token (B,) is image token `index` (sequence position T + index); writes its k/v into
-        the caches and returns the fp32 logits (B, image vocab) of image token index + 1.
-        fused: None = the one-op step (dalle_fast.ops.decode_step) whenever it computes the same thing
-        (fused backend, eval, no grad, no hooks), True = require it, False = the module path."""
+        """One cached sampling step: writes the k/v of image token `index` into the caches.
+
+        Args:
+            image_token: (B,) ids of image token `index` (sequence position T + index).
+            index: its index in the image.
+            kv_caches: the DecodeCaches filled by prefill and the earlier steps.
+            fused: None = the one-op step (dalle_fast.ops.decode_step) whenever it computes the same thing
+              (fused backend, eval, no grad, no hooks), True = require it, False = the module path.
+        Returns:
+            fp32 logits (B, image vocab) of image token index + 1.
+        """
         cfg = self.config
         if not 0 <= index < cfg.image_len:
             raise ValueError(f"decode_step: index must be in [0, {cfg.image_len}), got {index}")
@@ -366,6 +536,12 @@ class DALLE(nn.Module):
 
     # ---- files ----
     def save_pretrained(self, directory, dtype=None):
+        """directory/model.safetensors and directory/config.json, each written atomically.
+
+        Args:
+            directory: created if missing.
+            dtype: optional dtype of the saved floating-point tensors.
+        """
         from ..checkpoint import atomic_save_safetensors, atomic_write_json
         os.makedirs(directory, exist_ok=True)
         sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
@@ -376,8 +552,18 @@ class DALLE(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, vae=None, device="cpu", dtype=torch.float32, resblock_dtype=None,
                         **overrides):
-        """overrides replace config fields (e.g. backend="dense"). dtype: the whole model's;
-        resblock_dtype: the residual branches' matrices only (cast_resblocks_, the paper's scheme)."""
+        """A model saved by save_pretrained, in eval mode.
+
+        Args:
+            directory: holds config.json and model.safetensors.
+            vae: optional DiscreteVAE to attach.
+            device: where the model goes.
+            dtype: the whole model's dtype.
+            resblock_dtype: the residual branches' matrices only (cast_resblocks_, the paper's scheme).
+            **overrides: config fields to replace (e.g. backend="dense").
+        Returns:
+            A DALLE.
+        """
         from ..checkpoint import load_safetensors
         path = os.path.join(directory, "config.json")
         if not os.path.isfile(path):
@@ -394,6 +580,9 @@ class DALLE(nn.Module):
         return model.eval()
 
     def num_parameters(self):
+        """Returns:
+            The number of parameters.
+        """
         return sum(p.numel() for p in self.parameters())
 
 
@@ -414,11 +603,25 @@ class DecodeCaches(list):
     _fusable = None
 
     def fusable(self, model):
+        """Whether decode_step can use the one-op fused step for this model now (cached per mode).
+
+        Args:
+            model: the DALLE.
+        Returns:
+            bool.
+        """
         if self._fusable is None or self._fusable[0] != (id(model), model.training, torch.is_grad_enabled()):
             self._fusable = ((id(model), model.training, torch.is_grad_enabled()), model._can_fuse_step())
         return self._fusable[1]
 
     def fused_state(self, model):
+        """What the fused step reads every step, gathered on first use for this model.
+
+        Args:
+            model: the DALLE.
+        Returns:
+            The parameter list, the cache tensors and the layer kinds.
+        """
         if self._state is None or self._state.model_id != id(model):
             self._state = self._Fused(id(model), model.decode_params(), [c.k for c in self], [c.v for c in self],
                                       model.config.kinds())

@@ -26,6 +26,19 @@ from dalle_fast.checkpoint import CheckpointError, atomic_save_safetensors, atom
 
 @dataclasses.dataclass
 class DVAEConfig:
+    """Sizes of the dVAE; the defaults are the released DALL-E dVAE (256x256 -> 32x32 tokens of 8192 codes).
+
+    Args:
+        image_size: pixels per side.
+        input_channels: 3 for RGB.
+        group_count: groups of residual blocks; 2**(group_count-1) pixels per token side.
+        n_hid: width of the first group (later groups 2x, 4x, 8x ...).
+        n_blk_per_group: residual blocks per group.
+        vocab_size: codebook size.
+        n_init: decoder width after the 1x1 conv from the codes.
+        eps: logit-Laplace pixel margin (map_pixels / unmap_pixels).
+        min_log_b: floor on the decoder's ln b in the training loss (None: the paper's loss exactly).
+    """
     image_size: int = 256
     input_channels: int = 3
     group_count: int = 4        # groups of residual blocks; 2**(group_count-1) pixels per token side
@@ -64,31 +77,62 @@ class DVAEConfig:
 
     @classmethod
     def paper(cls):
-        """The released DALL-E dVAE: 256x256 -> 32x32 tokens of 8192 codes."""
+        """The released DALL-E dVAE: 256x256 -> 32x32 tokens of 8192 codes.
+
+        Returns:
+            A DVAEConfig.
+        """
         return cls()
 
     @classmethod
     def small(cls):
-        """64x64 -> 8x8 tokens of 512 codes: trains in minutes on a CPU (demo, Shapes)."""
+        """64x64 -> 8x8 tokens of 512 codes: trains in minutes on a CPU (demo, Shapes).
+
+        Returns:
+            A DVAEConfig.
+        """
         return cls(image_size=64, n_hid=32, n_blk_per_group=1, vocab_size=512, n_init=64)
 
     @classmethod
     def tiny(cls):
-        """For tests: 32x32 -> 4x4 tokens, a few thousand parameters per layer."""
+        """For tests: 32x32 -> 4x4 tokens, a few thousand parameters per layer.
+
+        Returns:
+            A DVAEConfig.
+        """
         return cls(image_size=32, n_hid=16, n_blk_per_group=1, vocab_size=64, n_init=16)
 
     @classmethod
     def named(cls, name):
+        """A preset by name.
+
+        Args:
+            name: 'paper', 'small' or 'tiny'; others raise ValueError.
+        Returns:
+            A DVAEConfig.
+        """
         presets = {"paper": cls.paper, "small": cls.small, "tiny": cls.tiny}
         if name not in presets:
             raise ValueError(f"unknown dVAE config {name!r}; expected one of {sorted(presets)}")
         return presets[name]()
 
     def to_dict(self):
+        """The config as a JSON-able dict.
+
+        Returns:
+            {field: value}.
+        """
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d):
+        """The inverse of to_dict.
+
+        Args:
+            d: {field: value}; unknown fields raise ValueError.
+        Returns:
+            A DVAEConfig.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -110,6 +154,11 @@ class FP32Conv(nn.Conv2d):
     from the (soft) one-hot codes are precision-sensitive (the released code also keeps them fp32)."""
 
     def forward(self, x):
+        """Args:
+            x: (B, C, H, W), cast to fp32 with autocast off.
+        Returns:
+            The fp32 convolution of x.
+        """
         with torch.autocast(x.device.type, enabled=False):
             return super().forward(x.float())
 
@@ -141,17 +190,35 @@ class _Block(nn.Module):
 
 
 class EncoderBlock(_Block):
+    """Encoder residual block: identity (1x1 conv when widths differ) + post_gain * (ReLU, conv) x 4,
+    kernels 3, 3, 3, 1.
+
+    Args:
+        n_in, n_out: input and output channels.
+        n_layers: blocks in the whole encoder (post_gain = 1 / n_layers**2).
+    """
     def __init__(self, n_in, n_out, n_layers):
         super().__init__(n_in, n_out, n_layers, (3, 3, 3, 1))
 
 
 class DecoderBlock(_Block):
+    """Decoder residual block: identity (1x1 conv when widths differ) + post_gain * (ReLU, conv) x 4,
+    kernels 1, 3, 3, 3.
+
+    Args:
+        n_in, n_out: input and output channels.
+        n_layers: blocks in the whole decoder (post_gain = 1 / n_layers**2).
+    """
     def __init__(self, n_in, n_out, n_layers):
         super().__init__(n_in, n_out, n_layers, (1, 3, 3, 3))
 
 
 class Encoder(nn.Module):
-    """map_pixels(image) -> (B, vocab, H/ds, W/ds) logits."""
+    """map_pixels(image) -> (B, vocab, H/ds, W/ds) logits.
+
+    Args:
+        cfg: the DVAEConfig.
+    """
 
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
@@ -172,11 +239,20 @@ class Encoder(nn.Module):
         self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, x):
+        """Args:
+            x: (B, C, H, W) mapped pixels (map_pixels).
+        Returns:
+            (B, vocab, H/ds, W/ds) logits.
+        """
         return self.blocks(x)
 
 
 class Decoder(nn.Module):
-    """(B, vocab, h, w) one-hot or relaxed codes -> (B, 2*C, h*ds, w*ds) stats: mu then ln b."""
+    """(B, vocab, h, w) one-hot or relaxed codes -> (B, 2*C, h*ds, w*ds) stats: mu then ln b.
+
+    Args:
+        cfg: the DVAEConfig.
+    """
 
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
@@ -197,11 +273,22 @@ class Decoder(nn.Module):
         self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, z):
+        """Args:
+            z: (B, vocab, h, w) one-hot or relaxed codes.
+        Returns:
+            (B, 2*C, h*ds, w*ds) stats: mu (logit space) then ln b.
+        """
         return self.blocks(z)
 
     def forward_tokens(self, tokens):
         """Same as forward(one_hot(tokens)) but the 1x1 input conv of a one-hot is a column gather:
-        no (B, vocab, h, w) tensor is built."""
+        no (B, vocab, h, w) tensor is built.
+
+        Args:
+            tokens: (B, h, w) long codes.
+        Returns:
+            (B, 2*C, h*ds, w*ds) stats.
+        """
         conv = self.blocks.input
         w = conv.weight[:, :, 0, 0].float()                     # (n_init, vocab)
         x = F.embedding(tokens, w.t()) + conv.bias.float()      # (B, h, w, n_init)
@@ -213,28 +300,53 @@ class Decoder(nn.Module):
 
 
 def kl_to_uniform(logits, dim=1):
-    """KL(softmax(logits) || uniform) per position, summed over `dim`; computed in fp32."""
+    """KL(softmax(logits) || uniform) per position, summed over `dim`; computed in fp32.
+
+    Args:
+        logits: encoder logits, e.g. (B, vocab, h, w).
+        dim: the codebook dimension.
+    Returns:
+        The KL per position (logits' shape without dim), fp32.
+    """
     logits = logits.float()
     logq = F.log_softmax(logits, dim=dim)
     return (logq.exp() * logq).sum(dim) + math.log(logits.shape[dim])
 
 
 def codebook_perplexity(tokens, vocab_size):
-    """exp(entropy) of the histogram of used codes: 1 = one code used, vocab_size = all uniformly."""
+    """exp(entropy) of the histogram of used codes: 1 = one code used, vocab_size = all uniformly.
+
+    Args:
+        tokens: long tensor of codes (any shape).
+        vocab_size: codebook size.
+    Returns:
+        float.
+    """
     counts = torch.bincount(tokens.reshape(-1), minlength=vocab_size).double()
     p = counts / counts.sum().clamp_min(1)
     return torch.exp(-(p[p > 0] * p[p > 0].log()).sum()).item()
 
 
 def psnr(images, target):
-    """Peak signal-to-noise ratio in dB of images in [0, 1], averaged over the batch's MSE."""
+    """Peak signal-to-noise ratio in dB of images in [0, 1], averaged over the batch's MSE.
+
+    Args:
+        images, target: tensors of the same shape in [0, 1].
+    Returns:
+        float (dB).
+    """
     mse = F.mse_loss(images.float(), target.float()).item()
     return 10 * math.log10(1 / max(mse, 1e-12))
 
 
 class DiscreteVAE(nn.Module):
     """DALL-E's dVAE. backend='fused' uses dalle_fast's kernels (gumbel_softmax, logit_laplace_loss);
-    'torch' the same math with torch.nn.functional.gumbel_softmax and an eager loss (baseline)."""
+    'torch' the same math with torch.nn.functional.gumbel_softmax and an eager loss (baseline).
+
+    Args:
+        config: a DVAEConfig (default: the paper's).
+        backend: 'fused' or 'torch'.
+    """
 
     def __init__(self, config: DVAEConfig = None, backend="fused"):
         super().__init__()
@@ -314,18 +426,33 @@ class DiscreteVAE(nn.Module):
 
     # -- public API -----------------------------------------------------------------------------
     def logits(self, images):
-        """Encoder logits (B, vocab, h, w) in fp32 of images in [0, 1]."""
+        """Encoder logits in fp32.
+
+        Args:
+            images: (B, C, H, W) in [0, 1].
+        Returns:
+            (B, vocab, h, w) fp32 logits.
+        """
         self._check_images(images)
         return self.encoder(self._map(images)).float()
 
     def forward(self, images, tau=1.0, beta=0.0, hard=False, mse_weight=0.0):
-        """One training evaluation. Returns a dict: loss (recon + beta * kl [+ mse_weight * mse],
-        normalised per image dimension as the paper), recon (logit-Laplace NLL per dimension), kl
-        (per dimension, unweighted), mse (of the unclamped reconstruction), logits, stats, tokens
-        (argmax, no noise). mse_weight > 0 adds an auxiliary squared error (not in the paper): the
+        """One training evaluation. mse_weight > 0 adds an auxiliary squared error (not in the paper): the
         logit-Laplace is an L1 in logit space whose optimum is the median, so on mostly-black images
         it predicts black wherever an object is not yet certain and learns the objects very slowly;
-        the trainer decays this weight to 0, leaving the paper's objective."""
+        the trainer decays this weight to 0, leaving the paper's objective.
+
+        Args:
+            images: (B, C, H, W) in [0, 1].
+            tau: Gumbel-softmax temperature, > 0.
+            beta: weight of the KL to the uniform prior.
+            hard: straight-through one-hot samples instead of relaxed ones.
+            mse_weight: weight of the auxiliary squared error (0: the paper's loss).
+        Returns:
+            A dict: loss (recon + beta * kl [+ mse_weight * mse], normalised per image dimension as the
+            paper), recon (logit-Laplace NLL per dimension), kl (per dimension, unweighted), mse (of the
+            unclamped reconstruction), logits, stats, tokens (argmax, no noise).
+        """
         if not (isinstance(tau, (int, float)) and tau > 0):
             raise ValueError(f"tau must be a positive number, got {tau!r}")
         logits = self.logits(images)
@@ -347,27 +474,56 @@ class DiscreteVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, images):
-        """Images (B, C, H, W) in [0, 1] -> LongTensor tokens (B, H/ds, W/ds): argmax, no noise."""
+        """Tokens of images: argmax, no noise.
+
+        Args:
+            images: (B, C, H, W) in [0, 1].
+        Returns:
+            LongTensor (B, H/ds, W/ds).
+        """
         return self.logits(images).argmax(1)
 
     def decode_stats(self, tokens):
-        """Tokens (B, h, w) -> decoder stats (B, 2C, H, W) in fp32: mu (logit space) then ln b."""
+        """Args:
+            tokens: (B, h, w) codes.
+        Returns:
+            Decoder stats (B, 2C, H, W) in fp32: mu (logit space) then ln b.
+        """
         self._check_tokens(tokens)
         return self.decoder.forward_tokens(tokens.long()).float()
 
     @torch.no_grad()
     def decode(self, tokens):
-        """Tokens (B, h, w) -> images (B, C, H, W) in [0, 1]: unmap(sigmoid(mu))."""
+        """Images of tokens: unmap(sigmoid(mu)).
+
+        Args:
+            tokens: (B, h, w) codes.
+        Returns:
+            (B, C, H, W) images in [0, 1].
+        """
         stats = self.decode_stats(tokens)
         return self._unmap(torch.sigmoid(stats[:, : self.config.input_channels]))
 
     @torch.no_grad()
     def reconstruct(self, images):
+        """decode(encode(images)).
+
+        Args:
+            images: (B, C, H, W) in [0, 1].
+        Returns:
+            (B, C, H, W) reconstructions in [0, 1].
+        """
         return self.decode(self.encode(images))
 
     # -- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, directory):
-        """directory/config.json + directory/model.safetensors (each written atomically)."""
+        """directory/config.json + directory/model.safetensors (each written atomically).
+
+        Args:
+            directory: created if missing.
+        Returns:
+            directory.
+        """
         os.makedirs(directory, exist_ok=True)
         atomic_save_safetensors(self.state_dict(), os.path.join(directory, "model.safetensors"),
                                 metadata={"format": "dalle_fast.dvae"})
@@ -377,6 +533,15 @@ class DiscreteVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, device="cpu", backend="fused"):
+        """A model saved by save_pretrained; raises CheckpointError on a missing or corrupt directory.
+
+        Args:
+            directory: holds config.json and model.safetensors.
+            device: where the model goes.
+            backend: 'fused' or 'torch'.
+        Returns:
+            A DiscreteVAE.
+        """
         cfg_path = os.path.join(directory, "config.json")
         if not os.path.isfile(cfg_path):
             raise CheckpointError(f"no dVAE config at {cfg_path} (expected a directory written by save_pretrained)")
@@ -397,7 +562,15 @@ class DiscreteVAE(nn.Module):
 
 def logit_laplace_nll_eager(x, stats, eps=0.1):
     """Per-element logit-Laplace NLL with eager torch ops (the benchmark's baseline):
-    ln(2b) + ln(x'(1-x')) + |logit(x') - mu| / b, x' = map_pixels(x), b = exp(ln b)."""
+    ln(2b) + ln(x'(1-x')) + |logit(x') - mu| / b, x' = map_pixels(x), b = exp(ln b).
+
+    Args:
+        x: (B, C, H, W) in [0, 1].
+        stats: (B, 2C, H, W): mu then ln b.
+        eps: the pixel margin.
+    Returns:
+        (B, C, H, W) NLL per element.
+    """
     c = x.shape[1]
     mu, log_b = stats[:, :c], stats[:, c:]
     xm = (1 - 2 * eps) * x + eps

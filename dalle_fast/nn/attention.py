@@ -20,7 +20,13 @@ BACKENDS = ("fused", "flex", "dense")
 
 
 class KVCache:
-    """Preallocated keys and values of one attention layer: .k, .v (batch, heads, max_len, dim_head)."""
+    """Preallocated keys and values of one attention layer: .k, .v (batch, heads, max_len, dim_head).
+
+    Args:
+        batch, heads, max_len, dim_head: the cache's shape.
+        dtype: the cached keys' and values' dtype.
+        device: where the cache lives.
+    """
 
     def __init__(self, batch, heads, max_len, dim_head, dtype=torch.float32, device=None):
         shape = (batch, heads, max_len, dim_head)
@@ -32,7 +38,12 @@ class KVCache:
         return self.k.shape[2]
 
     def write(self, start, k, v):
-        """Stores k, v (batch, heads, n, dim_head) at positions start .. start + n - 1."""
+        """Stores k, v (batch, heads, n, dim_head) at positions start .. start + n - 1.
+
+        Args:
+            start: first position written.
+            k, v: (batch, heads, n, dim_head) keys and values.
+        """
         n = k.shape[2]
         if start < 0 or start + n > self.max_len:
             raise ValueError(f"KVCache: positions {start}..{start + n - 1} outside [0, {self.max_len})")
@@ -72,9 +83,20 @@ def dense_sparse_attention(q, k, v, kind, text_len, image_size, conv_kernel=11, 
 
 
 class SparseSelfAttention(nn.Module):
-    """Multi-head self-attention over text_len text tokens then an image_size^2 grid, masked as `kind`
-    ("row", "column", "conv", "full"). No residual and no norm: the caller owns both. dropout applies
-    to the output projection (the fused kernels have no attention-probability dropout)."""
+    """Multi-head self-attention over text_len text tokens then an image_size^2 grid, masked as `kind`.
+    No residual and no norm: the caller owns both.
+
+    Args:
+        dim: model width (input and output features).
+        heads: number of heads.
+        kind: 'row', 'column', 'conv' or 'full' (dalle_fast.attention_mask).
+        text_len: text tokens before the image.
+        image_size: image tokens per side.
+        dim_head: features per head.
+        conv_kernel: odd kernel size of the 'conv' mask.
+        backend: 'fused' (dalle_fast's kernels), 'flex' (FlexAttention) or 'dense' (SDPA with the dense mask).
+        dropout: applied to the output projection (the fused kernels have no attention-probability dropout).
+    """
 
     def __init__(self, dim, heads, kind, text_len, image_size, dim_head=64, conv_kernel=11, backend="fused",
                  dropout=0.0):
@@ -93,6 +115,11 @@ class SparseSelfAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def extra_repr(self):
+        """The module's settings, shown by print(module).
+
+        Returns:
+            A one-line string.
+        """
         return (f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, kind={self.kind!r}, "
                 f"text_len={self.text_len}, image_size={self.image_size}, backend={self.backend!r}")
 
@@ -119,9 +146,15 @@ class SparseSelfAttention(nn.Module):
         return dense_sparse_attention(q, k, v, *args)
 
     def forward(self, x, kv_cache=None, position=None):
-        """x (B, n, dim), n <= seq_len: the prefix of length n -> (B, n, dim), the first n rows of the full
-        computation; k/v of positions 0..n-1 go into kv_cache if given. With position p: x (B, 1, dim) is
-        the token at index p; its k/v are written at p and it attends through the cache -> (B, 1, dim)."""
+        """The prefix of length n, or one token through the KV cache.
+
+        Args:
+            x: (B, n, dim), n <= seq_len: the first n tokens; or (B, 1, dim), the token at `position`.
+            kv_cache: a KVCache; the k/v of positions 0..n-1 (or of `position`) are written into it.
+            position: None, or the index p of the single token in x; it attends through kv_cache.
+        Returns:
+            (B, n, dim): the first n rows of the full computation; or (B, 1, dim) at `position`.
+        """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"SparseSelfAttention: x must be (B, n, {self.dim}), got {tuple(x.shape)}")
         if position is not None:

@@ -71,11 +71,17 @@ def gumbel_softmax(logits, tau=1.0, hard=False, dim=-1, generator=None, gumbels=
     """Drop-in for torch.nn.functional.gumbel_softmax, fused: noise, 1/tau scaling and softmax in
     one pass over logits, one fused pass for the backward.
 
-    generator: torch.Generator the noise seed is drawn from (default: logits' device's default).
-    gumbels: standard-Gumbel noise of logits' shape that replaces the drawn noise; then the
-      output is softmax((logits + gumbels) / tau, dim) (gradients flow to gumbels too).
-    hard: returns the exact one-hot of the argmax with the soft sample's gradient (straight through).
-    eps: accepted for compatibility with torch's signature, unused (torch deprecates it too).
+    Args:
+        logits: float tensor (any shape) of unnormalised log-probabilities.
+        tau: temperature, > 0.
+        hard: returns the exact one-hot of the argmax with the soft sample's gradient (straight through).
+        dim: the dimension the softmax runs over (e.g. 1, the channels of the dVAE's (B, V, H, W) logits).
+        generator: torch.Generator the noise seed is drawn from (default: logits' device's default).
+        gumbels: standard-Gumbel noise of logits' shape that replaces the drawn noise; then the
+          output is softmax((logits + gumbels) / tau, dim) (gradients flow to gumbels too).
+        eps: accepted for compatibility with torch's signature, unused (torch deprecates it too).
+    Returns:
+        A tensor of logits' shape and dtype: the relaxed sample (hard=False) or the one-hot (hard=True).
     """
     _check_logits(logits, dim, "gumbel_softmax")
     tau = _check_tau(tau)
@@ -92,7 +98,14 @@ def gumbel_softmax(logits, tau=1.0, hard=False, dim=-1, generator=None, gumbels=
 
 def one_hot_argmax(logits, dim=-1):
     """One-hot of torch.argmax(logits, dim) in logits' dtype, fused (no index tensor). Not
-    differentiable (like argmax): the result never requires grad."""
+    differentiable (like argmax): the result never requires grad.
+
+    Args:
+        logits: float tensor (any shape).
+        dim: the dimension of the argmax.
+    Returns:
+        A tensor of logits' shape and dtype, 1 at the argmax along dim and 0 elsewhere.
+    """
     _check_logits(logits, dim, "one_hot_argmax")
     return _ops.one_hot_argmax(logits.detach(), dim)
 

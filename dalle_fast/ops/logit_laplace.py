@@ -49,9 +49,16 @@ def _check_args(x, stats, eps, reduction):
 
 def logit_laplace_loss(x, stats, eps=0.1, reduction="mean"):
     """Negative log-likelihood of the image x under the decoder's logit-Laplace output stats.
+    See the module docstring for gradients, NaN and empty inputs.
 
-    x: (B, C, H, W) in [0, 1]; stats: (B, 2C, H, W) = (mu, ln b); reduction 'none' | 'sum' | 'mean'
-    (mean over B*C*H*W elements). See the module docstring for gradients, NaN and empty inputs."""
+    Args:
+        x: (B, C, H, W) image in [0, 1].
+        stats: (B, 2C, H, W) decoder output: mu (logit space) then ln b along the channels.
+        eps: the pixel squeeze of map_pixels (the paper: 0.1).
+        reduction: 'none' | 'sum' | 'mean' (mean over B*C*H*W elements).
+    Returns:
+        The loss: a scalar, or (B, C, H, W) per element for reduction='none'.
+    """
     _check_args(x, stats, eps, reduction)
     return torch.ops.dalle_fast.logit_laplace_loss(x, stats, float(eps), reduction)
 

@@ -16,14 +16,30 @@ MAX_CPU_HEAD_DIM = 512
 
 
 def attention_mask(kind, text_len, image_size, conv_kernel=11, device=None):
-    """Dense bool (N, N) mask, N = text_len + image_size**2; True = query i may attend key j."""
+    """Dense bool (N, N) mask, N = text_len + image_size**2; True = query i may attend key j.
+
+    Args:
+        kind: 'row', 'column', 'conv' or 'full'.
+        text_len: number of text tokens before the image.
+        image_size: image tokens per side.
+        conv_kernel: odd kernel size of the 'conv' mask.
+        device: where the mask is built.
+    Returns:
+        A bool tensor (N, N).
+    """
     _check_mask_args(kind, text_len, image_size, conv_kernel, "attention_mask")
     return _ref.attention_mask(kind, text_len, image_size, conv_kernel, device=device)
 
 
 def attention_schedule(depth):
     """Mask kinds of layers 1..depth (the paper's): the last is conv; layer i < depth is column if
-    (i - 2) % 4 == 0, else row (so: row, column, row, row, row, column, ...)."""
+    (i - 2) % 4 == 0, else row (so: row, column, row, row, row, column, ...).
+
+    Args:
+        depth: number of layers.
+    Returns:
+        A list of depth kinds.
+    """
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise ValueError(f"attention_schedule: depth must be a positive int, got {depth!r}")
     return ["conv" if i == depth else ("column" if (i - 2) % 4 == 0 else "row") for i in range(1, depth + 1)]
@@ -84,8 +100,18 @@ def _resolve_scale(scale, D, fn):
 
 
 def sparse_attention(q, k, v, kind, text_len, image_size, conv_kernel=11, scale=None):
-    """softmax(q k^T * scale + mask) v over the allowed pairs only; q, k, v (B, heads, N, D) with
-    N = text_len + image_size**2; differentiable in q, k, v. scale defaults to 1/sqrt(D)."""
+    """softmax(q k^T * scale + mask) v over the allowed pairs only; differentiable in q, k, v.
+
+    Args:
+        q, k, v: (B, heads, N, D) with N = text_len + image_size**2.
+        kind: 'row', 'column', 'conv' or 'full' (see attention_mask).
+        text_len: number of text tokens before the image.
+        image_size: image tokens per side.
+        conv_kernel: odd kernel size of the 'conv' mask.
+        scale: score scale, default 1/sqrt(D).
+    Returns:
+        The attention output (B, heads, N, D) in q's dtype.
+    """
     fn = "sparse_attention"
     _check_tensors(fn, ("q", "k", "v"), (q, k, v))
     _check_mask_args(kind, text_len, image_size, conv_kernel, fn)
@@ -102,9 +128,17 @@ def sparse_attention(q, k, v, kind, text_len, image_size, conv_kernel=11, scale=
 
 
 def sparse_attention_decode(q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel=11, scale=None):
-    """Row `position` of sparse_attention for one new query per sequence: q (B, heads, 1, D); the caches
-    (B, heads, L, D), L > position, hold the keys/values of positions 0..position. Reads only the
-    allowed keys. Returns (B, heads, 1, D). Not differentiable (inference)."""
+    """Row `position` of sparse_attention for one new query per sequence. Reads only the allowed keys.
+    Not differentiable (inference).
+
+    Args:
+        q: (B, heads, 1, D), the query at `position`.
+        k_cache, v_cache: (B, heads, L, D), L > position, holding the keys/values of positions 0..position.
+        position: the query's index in the sequence.
+        kind, text_len, image_size, conv_kernel, scale: as for sparse_attention.
+    Returns:
+        (B, heads, 1, D): the attention output of the query.
+    """
     # A sampling step is tens of microseconds: the op checks shapes, dtypes and the mask arguments itself
     # (ValueError/TypeError naming the argument); only what it cannot see is checked here.
     if type(position) is not int:

@@ -9,12 +9,26 @@ import torch
 
 
 def map_pixels(x, eps=0.1):
-    """(1 - 2 eps) x + eps: squeezes [0, 1] into [eps, 1 - eps], where logit is finite."""
+    """(1 - 2 eps) x + eps: squeezes [0, 1] into [eps, 1 - eps], where logit is finite.
+
+    Args:
+        x: tensor of pixel values in [0, 1].
+        eps: the squeeze (the paper: 0.1).
+    Returns:
+        A tensor like x with values in [eps, 1 - eps].
+    """
     return (1 - 2 * eps) * x + eps
 
 
 def unmap_pixels(x, eps=0.1):
-    """Inverse of map_pixels, clamped to [0, 1]."""
+    """Inverse of map_pixels, clamped to [0, 1].
+
+    Args:
+        x: tensor of squeezed pixel values.
+        eps: the squeeze map_pixels used.
+    Returns:
+        A tensor like x with values in [0, 1].
+    """
     return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
 
 
