@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "dalle_fast/gumbel_softmax.h"
+#include "dalle_fast/gumbel_softmax_checks.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define DF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -42,42 +43,6 @@
 #endif
 
 namespace dalle_fast {
-
-// Boundary checks, shared with cuda/gumbel_softmax_cuda.cu (declared there).
-void gumbel_softmax_check_logits(const at::Tensor& logits, int64_t dim, const char* op) {
-  const auto t = logits.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-              ": logits must be float32, float64, float16 or bfloat16, got ", t);
-  (void)at::maybe_wrap_dim(dim, logits.dim());
-}
-
-void gumbel_softmax_check_inputs(const at::Tensor& logits, const at::Tensor& seed,
-                                 const std::optional<at::Tensor>& gumbels, double tau, int64_t dim) {
-  gumbel_softmax_check_logits(logits, dim, "gumbel_softmax");
-  TORCH_CHECK(std::isfinite(tau) && tau > 0, "gumbel_softmax: tau must be a finite number > 0, got ", tau);
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "gumbel_softmax: seed must be a one-element int64 tensor, got ", seed.scalar_type(),
-              " with ", seed.numel(), " elements");
-  TORCH_CHECK(seed.device() == logits.device(), "gumbel_softmax: seed must be on logits' device (",
-              logits.device(), "), got ", seed.device());
-  if (gumbels.has_value()) {
-    const auto t = logits.scalar_type();
-    TORCH_CHECK(gumbels->sizes() == logits.sizes(), "gumbel_softmax: gumbels must have logits' shape ",
-                logits.sizes(), ", got ", gumbels->sizes());
-    TORCH_CHECK(gumbels->scalar_type() == t, "gumbel_softmax: gumbels must have logits' dtype ", t,
-                ", got ", gumbels->scalar_type());
-    TORCH_CHECK(gumbels->device() == logits.device(), "gumbel_softmax: gumbels must be on logits' device (",
-                logits.device(), "), got ", gumbels->device());
-  }
-}
-
-void gumbel_softmax_check_backward(const at::Tensor& grad, const at::Tensor& y, double tau) {
-  TORCH_CHECK(grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type() && grad.device() == y.device(),
-              "_gumbel_softmax_backward: grad and y must match in shape, dtype and device, got ",
-              grad.sizes(), " ", grad.scalar_type(), " and ", y.sizes(), " ", y.scalar_type());
-  TORCH_CHECK(std::isfinite(tau) && tau > 0, "_gumbel_softmax_backward: tau must be > 0, got ", tau);
-}
-
 namespace {
 
 constexpr int kLanes = 64;     // forward, inner > 1: inner positions per work item (one noise block)
@@ -416,7 +381,7 @@ at::Tensor one_hot_argmax_cpu(const at::Tensor& logits, int64_t dim) {
 }
 
 at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& y, double tau, int64_t dim) {
-  gumbel_softmax_check_backward(grad, y, tau);
+  gumbel_softmax_check_backward(grad, y, tau, dim);
   dim = at::maybe_wrap_dim(dim, y.dim());
   const at::Tensor g = grad.contiguous(), yc = y.contiguous();
   at::Tensor dx = at::empty(yc.sizes(), yc.options());
