@@ -31,14 +31,15 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "dalle_fast/gumbel_softmax.h"
 #include "dalle_fast/gumbel_softmax_checks.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// The hot loops below are always-inline and reached through with_cpu_isa (cpu_isa.h), which
+// compiles them for AVX-512, AVX2 and the baseline and picks one at run time.
+#if defined(__GNUC__)
 #define DF_INLINE inline __attribute__((always_inline))
 #else
-#define DF_ISA_CLONES
 #define DF_INLINE inline
 #endif
 
@@ -120,7 +121,7 @@ DF_INLINE T hard_value(bool nan_slice, bool hot) {
 }
 
 template <typename T, Noise kNoise, bool kHard>
-DF_ISA_CLONES void columns_forward(const FwdArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* scratch) {
+DF_INLINE void columns_forward(const FwdArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* scratch) {
   using acc = acc_t<T>;
   const int64_t C = a.lay.C, inner = a.lay.inner, chunks = (inner + kLanes - 1) / kLanes;
   alignas(64) acc noise[2 * kNoiseBlock];
@@ -176,7 +177,7 @@ DF_ISA_CLONES void columns_forward(const FwdArgs<T>& a, int64_t begin, int64_t e
 }
 
 template <typename T, Noise kNoise, bool kHard>
-DF_ISA_CLONES void rows_forward(const FwdArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* z) {
+DF_INLINE void rows_forward(const FwdArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* z) {
   using acc = acc_t<T>;
   const int64_t C = a.lay.C;
   alignas(64) acc noise[2 * kNoiseBlock], zblk[kLanes];
@@ -265,14 +266,16 @@ void run_forward(const FwdArgs<T>& a) {
   const SoftmaxLayout& l = a.lay;
   if (l.inner == 1) {
     at::parallel_for(0, l.outer, grain(l.outer, l.C), [&](int64_t b, int64_t e) {
-      rows_forward<T, kNoise, kHard>(a, b, e, thread_scratch<acc>(l.C));
+      acc* z = thread_scratch<acc>(l.C);
+      with_cpu_isa([&] { rows_forward<T, kNoise, kHard>(a, b, e, z); });
     });
     return;
   }
   const int64_t items = l.outer * ((l.inner + kLanes - 1) / kLanes);
   const bool use_scratch = a.soft && l.C * kLanes * int64_t(sizeof(acc)) <= kMaxScratchBytes;
   at::parallel_for(0, items, grain(items, l.C * std::min<int64_t>(l.inner, kLanes)), [&](int64_t b, int64_t e) {
-    columns_forward<T, kNoise, kHard>(a, b, e, use_scratch ? thread_scratch<acc>(l.C * kLanes) : nullptr);
+    acc* scratch = use_scratch ? thread_scratch<acc>(l.C * kLanes) : nullptr;
+    with_cpu_isa([&] { columns_forward<T, kNoise, kHard>(a, b, e, scratch); });
   });
 }
 
@@ -310,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, uint64_t se
 }
 
 template <typename T>
-DF_ISA_CLONES void columns_backward(const T* g, const T* y, T* dx, SoftmaxLayout lay, acc_t<T> inv_tau,
+DF_INLINE void columns_backward(const T* g, const T* y, T* dx, SoftmaxLayout lay, acc_t<T> inv_tau,
                                     int64_t begin, int64_t end) {
   using acc = acc_t<T>;
   const int64_t C = lay.C, inner = lay.inner, chunks = (inner + kBwdLanes - 1) / kBwdLanes;
@@ -333,7 +336,7 @@ DF_ISA_CLONES void columns_backward(const T* g, const T* y, T* dx, SoftmaxLayout
 }
 
 template <typename T>
-DF_ISA_CLONES void rows_backward(const T* g, const T* y, T* dx, int64_t C, acc_t<T> inv_tau,
+DF_INLINE void rows_backward(const T* g, const T* y, T* dx, int64_t C, acc_t<T> inv_tau,
                                  int64_t begin, int64_t end) {
   using acc = acc_t<T>;
   for (int64_t o = begin; o < end; ++o) {
@@ -393,12 +396,14 @@ at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor&
     const auto inv_tau = static_cast<acc_t<scalar_t>>(1.0 / tau);
     if (lay.inner == 1) {
       at::parallel_for(0, lay.outer, grain(lay.outer, lay.C), [&](int64_t b, int64_t e) {
-        rows_backward<scalar_t>(gp, yp, dp, lay.C, inv_tau, b, e);
+        with_cpu_isa([&] { rows_backward<scalar_t>(gp, yp, dp, lay.C, inv_tau, b, e); });
       });
     } else {
       const int64_t items = lay.outer * ((lay.inner + kBwdLanes - 1) / kBwdLanes);
       at::parallel_for(0, items, grain(items, lay.C * std::min<int64_t>(lay.inner, kBwdLanes)),
-                       [&](int64_t b, int64_t e) { columns_backward<scalar_t>(gp, yp, dp, lay, inv_tau, b, e); });
+                       [&](int64_t b, int64_t e) {
+                         with_cpu_isa([&] { columns_backward<scalar_t>(gp, yp, dp, lay, inv_tau, b, e); });
+                       });
     }
   });
   return dx;
