@@ -116,5 +116,6 @@ def test_simt_and_decode_kernels_are_present(sass):
 def test_no_sparse_attention_kernel_touches_local_memory(sass):
     """Every tile, dtype and pass (tensor-core, SIMT, decode, delta) keeps to registers and shared
     memory: ptxas reported no spills when they were built, and the SASS shows none."""
-    local = sorted({f"{arch} {fn}" for (arch, fn), ops in sass.items() if any(op.startswith(("STL", "LDL")) for op in ops)})
+    local = sorted({f"{arch} {fn}" for (arch, fn), ops in sass.items()
+                    if any(op.startswith(("STL", "LDL")) for op in ops)})
     assert not local, local
