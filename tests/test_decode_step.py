@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 from dalle_fast.generate import sample_tokens
 from dalle_fast.models.dalle import DALLE, DALLEConfig, DecodeCaches
 from dalle_fast.ops.decode_step import transformer_decode_step
-from dalle_fast.testing import low_precision_tolerance, max_abs_err
+from dalle_fast.testing import cuda_available, low_precision_tolerance, max_abs_err
 
 
 def model(seed=0, **kw):
@@ -170,7 +170,7 @@ def test_selftest_rows_pass():
     assert len(rows) == 3 and all(err <= tol for _, _, _, err, tol in rows), rows
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and the CUDA kernels")
 def test_fused_step_on_cuda():
     from dalle_fast.ops.decode_step import selftest
     rows = selftest("cuda")
