@@ -123,9 +123,10 @@ def describe_cuda(out):
     return True
 
 
-def run(devices=None, out=sys.stdout):
-    """Prints the report; returns 0 when every row passed, 1 on a failed row, 2 when a device asked for
-    is not present."""
+def run(devices=None, out=None):
+    """Prints the report (to stdout by default); returns 0 when every row passed, 1 on a failed row, 2 when
+    a device asked for is not present."""
+    out = out or sys.stdout
     import dalle_fast
     from dalle_fast.testing import devices as present_devices
     present = present_devices()

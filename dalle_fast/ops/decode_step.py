@@ -31,6 +31,12 @@ def _(tokens, index, params, k_caches, v_caches, kinds, text_len, image_size, co
                  lambda: f"transformer_decode_step: expected {len(param_names(max(len(kinds), 1)))} parameters for "
                          f"{len(kinds)} layers, got {len(params)}")
     torch._check(tokens.dim() == 1, lambda: f"transformer_decode_step: tokens must be (B,), got {tuple(tokens.shape)}")
+    # a tensor on another device can route the whole call here (a meta parameter dispatches to Meta)
+    names = param_names(len(kinds))
+    for i, t in enumerate(list(params) + list(k_caches) + list(v_caches)):
+        if t.device != tokens.device:
+            what = f"params[{i}] ({names[i]})" if i < len(params) else "a cache"
+            raise ValueError(f"transformer_decode_step: {what} is on {t.device}, tokens on {tokens.device}")
     head_w = params[-2]
     dt = torch.promote_types(params[0].dtype, torch.float32)
     return head_w.new_empty((tokens.shape[0], head_w.shape[0]), dtype=dt)
