@@ -25,6 +25,7 @@
 
 #include "cpu/linear_small_cpu.h"
 #include "dalle_fast/decode_step_params.h"
+#include "dalle_fast/sparse_attention_checks.h"
 
 namespace dalle_fast {
 namespace {
@@ -70,10 +71,6 @@ Params unpack_params(at::TensorList params, int64_t depth) {
   return s;
 }
 
-bool is_mask_kind(const std::string& kind) {
-  return kind == "full" || kind == "row" || kind == "column" || kind == "conv";
-}
-
 // Every check of the op, before anything is written. Sizes the step needs are stored into s.
 void check_args(Params& s, const at::Tensor& tokens, at::TensorList params, at::TensorList k_caches,
                 at::TensorList v_caches) {
@@ -85,9 +82,6 @@ void check_args(Params& s, const at::Tensor& tokens, at::TensorList params, at::
     return std::string("a parameter");
   };
   const int64_t L = (int64_t)s.layers.size();
-  for (int64_t l = 0; l < L; ++l)
-    TORCH_CHECK_VALUE(is_mask_kind(s.kinds[l]), "transformer_decode_step: kinds[", l,
-                      "]: kind must be one of 'full', 'row', 'column', 'conv', got '", s.kinds[l], "'");
   TORCH_CHECK_VALUE((int64_t)k_caches.size() == L && (int64_t)v_caches.size() == L,
                     "transformer_decode_step: need one k and one v cache per layer (", L, "), got ",
                     k_caches.size(), " and ", v_caches.size());
@@ -98,14 +92,11 @@ void check_args(Params& s, const at::Tensor& tokens, at::TensorList params, at::
   TORCH_CHECK_VALUE(s.text_len >= 0, "transformer_decode_step: text_len must be >= 0, got ", s.text_len);
   TORCH_CHECK_VALUE(s.image_size >= 1 && s.image_size <= (1 << 15),
                     "transformer_decode_step: image_size must be in [1, 32768], got ", s.image_size);
-  TORCH_CHECK_VALUE(s.conv_kernel >= 1 && s.conv_kernel % 2 == 1,
-                    "transformer_decode_step: conv_kernel must be odd and positive, got ", s.conv_kernel);
   const int64_t M = s.image_size * s.image_size;
   TORCH_CHECK_VALUE(s.index >= 0 && s.index < M, "transformer_decode_step: index must be in [0, ", M, "), got ",
                     s.index);
   TORCH_CHECK_VALUE(std::isfinite(s.eps) && s.eps >= 0, "transformer_decode_step: eps must be finite and >= 0, got ",
                     s.eps);
-  TORCH_CHECK_VALUE(std::isfinite(s.scale), "transformer_decode_step: scale must be finite, got ", s.scale);
   s.batch = tokens.size(0);
 
   // every parameter: defined, floating, on the tokens' device, not requiring grad, of its shape
@@ -151,6 +142,11 @@ void check_args(Params& s, const at::Tensor& tokens, at::TensorList params, at::
     if (l == 0) s.dim_head = Dh;
     TORCH_CHECK_VALUE(Dh == s.dim_head, "transformer_decode_step: layer ", l, "'s caches have dim_head ", Dh,
                       ", layer 0's ", s.dim_head);
+    // the layer's sparse_attention_decode call through that op's own boundary for this device (kind,
+    // conv_kernel, scale, head dim limits), with the query the step will build: q (B, heads, 1, Dh)
+    check_sparse_attention_decode(at::empty({1}, kc.options()).expand({s.batch, s.heads, 1, Dh}), kc, vc,
+                                  s.position(), s.kinds[l], s.text_len, s.image_size, s.conv_kernel, s.scale,
+                                  kc.device().type());
     check(p.attn_norm_weight, {dim}, &res);
     check(p.attn_norm_bias, {dim}, &res);
     check(p.qkv_weight, {3 * inner, dim}, nullptr);

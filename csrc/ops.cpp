@@ -74,6 +74,15 @@ TORCH_LIBRARY(dalle_fast, m) {
   // One query per sequence at absolute index `position`: q (B, heads, 1, D); caches (B, heads, L, D), L > position.
   m.def("sparse_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, int position, str kind, "
         "int text_len, int image_size, int conv_kernel, float scale) -> Tensor");
+  // The shared boundary of the three ops above (csrc/include/dalle_fast/sparse_attention_checks.h)
+  // for device_type "cpu" or "cuda", whatever the tensors' device: raises what that device's kernel
+  // would raise, returns nothing. Reads shapes and dtypes only (meta tensors do).
+  m.def("_check_sparse_attention(Tensor q, Tensor k, Tensor v, str kind, int text_len, int image_size, "
+        "int conv_kernel, float scale, str device_type) -> ()");
+  m.def("_check_sparse_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "str kind, int text_len, int image_size, int conv_kernel, float scale, str device_type) -> ()");
+  m.def("_check_sparse_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, int position, str kind, "
+        "int text_len, int image_size, int conv_kernel, float scale, str device_type) -> ()");
   // ---- sparse_attention (end) ----
 
   // ---- transformer_decode_step (begin) ----

@@ -15,9 +15,16 @@ from dalle_fast.testing import assert_within_pytorch_error, devices, make_noncon
 
 KINDS = ("row", "column", "conv", "full")
 # (text_len, image_size, B, heads, D, conv_kernel): text_len 0, a 1x1 image, sizes that are not
-# multiples of the 64-query block (N = 151, 236, 1 + 81), D beyond {32, 64, 128} on the CPU.
+# multiples of the 64-query block (N = 151, 236, 1 + 81), head dims that are not multiples of 8.
 SHAPES = [(5, 4, 1, 2, 8, 11), (0, 1, 1, 1, 4, 11), (70, 9, 2, 1, 16, 3), (67, 13, 1, 2, 32, 5), (3, 1, 2, 1, 8, 11),
           (0, 10, 1, 1, 64, 11), (1, 9, 1, 1, 7, 1)]
+LOW_PRECISION_SHAPE = (19, 8, 2, 2, 32, 11)
+DECODE_SHAPE = (5, 4, 2, 2, 32, 11)
+# What the tests parametrized over devices() run on CUDA, as (op, shape, dtype), for tests/test_gpu_cases.py.
+CUDA_CASES = ([("sparse_attention", s, torch.float32) for s in SHAPES]
+              + [("sparse_attention", LOW_PRECISION_SHAPE, dt) for dt in (torch.float16, torch.bfloat16)]
+              + [(op, DECODE_SHAPE, dt) for op in ("sparse_attention", "decode")
+                 for dt in (torch.float64, torch.float32, torch.bfloat16)])
 
 
 def brute_force_mask(kind, T, W, k):
@@ -98,8 +105,6 @@ def test_decode_reads_exactly_the_allowed_keys(kind):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_gradients_float64(device, kind, shape):
     T, S, B, H, D, k = shape
-    if device == "cuda" and D not in ops.CUDA_HEAD_DIMS:
-        pytest.skip("CUDA supports D in {32, 64, 128}")
     q, k_, v = qkv(T, S, B, H, D, device=device, requires_grad=True)
     dtype = torch.float64 if device == "cpu" else torch.float32
     x = [t.detach().to(dtype).requires_grad_() for t in (q, k_, v)]
@@ -190,7 +195,7 @@ def test_custom_scale():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
 def test_low_precision_within_twice_pytorch_error(device, dtype, kind):
-    T, S, D = 19, 8, 32
+    T, S, _, _, D, _ = LOW_PRECISION_SHAPE
     q, k, v = qkv(T, S, 2, 2, D, requires_grad=True, device=device)
     xl = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     x64 = [t.detach().double().requires_grad_() for t in xl]  # the same rounded inputs, exact math
@@ -338,7 +343,7 @@ def test_empty_batch_behaves_like_torch():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_decode_equals_rows_of_the_full_op(device, kind, dtype):
-    T, S, B, H, D = 5, 4, 2, 2, 32
+    T, S, B, H, D, _ = DECODE_SHAPE
     N = T + S * S
     q, k, v = qkv(T, S, B, H, D, dtype=dtype, device=device)
     full = dalle_fast.sparse_attention(q, k, v, kind, T, S)
@@ -374,7 +379,7 @@ def _bad_calls():
     q, k, v = qkv(2, 3, 1, 1, 8, dtype=torch.float32)
     sa, dec = dalle_fast.sparse_attention, dalle_fast.sparse_attention_decode
     return [
-        (lambda: sa(q, k[:, :, :5], v, "row", 2, 3), ValueError, "same shape"),
+        (lambda: sa(q, k[:, :, :5], v, "row", 2, 3), ValueError, "k must have q's shape"),
         (lambda: sa(q, k, v, "row", 3, 3), ValueError, "text_len \\+ image_size"),
         (lambda: sa(q, k, v, "diagonal", 2, 3), ValueError, "kind"),
         (lambda: sa(q, k, v, "conv", 2, 3, conv_kernel=4), ValueError, "odd"),
@@ -409,7 +414,7 @@ def test_bad_input_raises_clear_errors(n):
 def test_cpp_boundary_checks():
     """The raw op checks its inputs too (it is reachable without the Python wrapper)."""
     q, k, v = qkv(2, 3, 1, 1, 8, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="text_len \\+ image_size"):
+    with pytest.raises(ValueError, match="text_len \\+ image_size"):
         torch.ops.dalle_fast.sparse_attention(q, k, v, "row", 1, 3, 11, 0.3)
     with pytest.raises(ValueError, match="kind must be one of"):
         torch.ops.dalle_fast.sparse_attention(q, k, v, "diag", 2, 3, 11, 0.3)

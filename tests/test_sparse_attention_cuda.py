@@ -248,9 +248,36 @@ def test_emulated_tile_algorithm_matches_dense_attention(build_layout, kind, T, 
 
 
 # ---------------------------------------------------------------- on a GPU
-GPU_SHAPES = [  # (B, heads, T, S, D, conv_kernel): N < 64, N = 64k, text_len 0, image 1x1, ragged tails
+# Every configuration the GPU tests below run is module-level data, collected into CUDA_CASES, which
+# tests/test_gpu_cases.py runs through the CUDA boundary on the CPU: a GPU test that the CUDA kernels
+# would reject cannot be written. Shapes are (B, heads, T, S, D, conv_kernel).
+GPU_SHAPES = [  # N < 64, N = 64k, text_len 0, image 1x1, ragged tails
     (2, 3, 5, 7, 64, 3), (1, 2, 0, 9, 32, 11), (2, 1, 16, 1, 128, 11), (1, 2, 64, 8, 64, 5), (1, 1, 37, 12, 32, 11),
     (1, 2, 3, 13, 128, 5)]
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Every head dim the CUDA kernels are held to: each head-dim tile (64, 128, 256) at and below its
+# size, dims that are not multiples of 16 (run with zero-padded columns), the bundled model's 48, and
+# 20 (not a multiple of 8: padded to 24 on the host).
+HEAD_DIMS = (16, 20, 40, 48, 80, 96, 128, 160, 256)
+HEAD_DIM_SHAPES = [(2, 1, 20, 9, D, 5) for D in HEAD_DIMS]  # N = 101: a full and a ragged tile
+PAPER_SHAPE = (1, 2, 256, 32, 64, 11)
+MATCH_CPU_SHAPE = (2, 2, 19, 9, 64, 5)
+DECODE_SHAPE = (2, 3, 11, 9, 64, 5)
+DECODE_PAPER_SHAPE = (2, 4, 256, 32, 64, 11)
+NONCONTIG_SHAPE = (3, 2, 7, 6, 32, 3)
+GRADCHECK_SHAPE = (1, 2, 3, 3, 32, 3)
+BOUNDARY_SHAPE, EMPTY_SHAPE = (1, 1, 2, 3, 32, 3), (0, 2, 2, 3, 32, 11)
+ALL_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+CUDA_CASES = (  # (op, shape, dtype): op "sparse_attention" also runs its backward
+    [("sparse_attention", s, dt) for s in GPU_SHAPES for dt in GPU_DTYPES]
+    + [(op, s, dt) for s in HEAD_DIM_SHAPES for dt in GPU_DTYPES for op in ("sparse_attention", "decode")]
+    + [("sparse_attention", PAPER_SHAPE, dt) for dt in (torch.float16, torch.bfloat16)]
+    + [("sparse_attention", MATCH_CPU_SHAPE, dt) for dt in ALL_DTYPES]
+    + [(op, DECODE_SHAPE, dt) for dt in GPU_DTYPES for op in ("sparse_attention", "decode")]
+    + [("decode", DECODE_PAPER_SHAPE, torch.float16), ("sparse_attention", DECODE_PAPER_SHAPE, torch.float16),
+       ("sparse_attention", NONCONTIG_SHAPE, torch.float32), ("sparse_attention", GRADCHECK_SHAPE, torch.float64),
+       ("sparse_attention", BOUNDARY_SHAPE, torch.float16), ("decode", BOUNDARY_SHAPE, torch.float16),
+       ("sparse_attention", EMPTY_SHAPE, torch.float16)])
 
 
 def _inputs(shape, dtype, seed=0, device="cuda"):
@@ -261,9 +288,9 @@ def _inputs(shape, dtype, seed=0, device="cuda"):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES + HEAD_DIM_SHAPES)
 def test_cuda_forward_and_backward_against_float64(kind, dtype, shape):
     B, H, T, S, D, ck = shape
     scale = D ** -0.5
@@ -293,8 +320,7 @@ def test_cuda_forward_and_backward_against_float64(kind, dtype, shape):
 def test_cuda_paper_shape_fp16_and_bf16(kind):
     """T = 256, 32x32 image, D = 64: many full and partial tiles, the transposed grid for columns."""
     for dtype in (torch.float16, torch.bfloat16):
-        shape = (1, 2, 256, 32, 64, 11)
-        q, k, v, go = _inputs(shape, dtype, seed=3)
+        q, k, v, go = _inputs(PAPER_SHAPE, dtype, seed=3)
         x = [t.detach().requires_grad_() for t in (q, k, v)]
         out = dalle_fast.sparse_attention(*x, kind, 256, 32)
         grads = torch.autograd.grad(out, x, go)
@@ -310,12 +336,11 @@ def test_cuda_paper_shape_fp16_and_bf16(kind):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_matches_cpu_op(kind, dtype):
-    shape = (2, 2, 19, 9, 64, 5)
-    B, H, T, S, D, ck = shape
-    q, k, v, go = _inputs(shape, dtype, seed=1)
+    B, H, T, S, D, ck = MATCH_CPU_SHAPE
+    q, k, v, go = _inputs(MATCH_CPU_SHAPE, dtype, seed=1)
     outs = {}
     for dev in ("cpu", "cuda"):
         x = [t.to(dev).requires_grad_() for t in (q, k, v)]
@@ -329,10 +354,11 @@ def test_cuda_matches_cpu_op(kind, dtype):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cuda_decode_equals_rows_of_the_full_op(kind, dtype):
-    B, H, T, S, D, ck = 2, 3, 11, 9, 64, 5
+@pytest.mark.parametrize("shape", [DECODE_SHAPE] + HEAD_DIM_SHAPES)
+def test_cuda_decode_equals_rows_of_the_full_op(kind, dtype, shape):
+    B, H, T, S, D, ck = shape
     N = T + S * S
-    q, k, v, _ = _inputs((B, H, T, S, D, ck), dtype, seed=2)
+    q, k, v, _ = _inputs(shape, dtype, seed=2)
     full, _ = torch.ops.dalle_fast.sparse_attention(q, k, v, kind, T, S, ck, 0.125)
     e64, _ = reference(q.double(), k.double(), v.double(), kind, T, S, ck, 0.125)
     # A preallocated cache longer than the sequence, (B, L, heads, D) viewed as (B, heads, L, D):
@@ -352,9 +378,9 @@ def test_cuda_decode_equals_rows_of_the_full_op(kind, dtype):
 @needs_gpu
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_decode_paper_shape(kind):
-    T, S, D = 256, 32, 64
+    _, _, T, S, D, _ = DECODE_PAPER_SHAPE
     N = T + S * S
-    q, k, v, _ = _inputs((2, 4, T, S, D, 11), torch.float16, seed=4)
+    q, k, v, _ = _inputs(DECODE_PAPER_SHAPE, torch.float16, seed=4)
     e64, _ = reference(q.double(), k.double(), v.double(), kind, T, S, 11, 0.125)
     t16, _ = reference(q, k, v, kind, T, S, 11, 0.125)
     for pos in (0, T - 1, T, T + S, N - 1):
@@ -364,9 +390,8 @@ def test_cuda_decode_paper_shape(kind):
 
 @needs_gpu
 def test_cuda_noncontiguous_and_batched_inputs():
-    shape = (3, 2, 7, 6, 32, 3)
-    B, H, T, S, D, ck = shape
-    q, k, v, go = _inputs(shape, torch.float32, seed=5)
+    B, H, T, S, D, ck = NONCONTIG_SHAPE
+    q, k, v, go = _inputs(NONCONTIG_SHAPE, torch.float32, seed=5)
     nq, nk, nv = (make_noncontiguous(t) for t in (q, k, v))
     assert not nq.is_contiguous()
     for kind in KINDS:
@@ -387,29 +412,31 @@ def test_cuda_opcheck_and_gradcheck():
         scale = q.shape[-1] ** -0.5
         torch.library.opcheck(torch.ops.dalle_fast.sparse_attention, (q, k, v, kind, T, S, kwargs["conv_kernel"], scale))
     for kind in KINDS:
-        x = [t.requires_grad_() for t in _inputs((1, 2, 3, 3, 32, 3), torch.float64, seed=6)[:3]]
+        x = [t.requires_grad_() for t in _inputs(GRADCHECK_SHAPE, torch.float64, seed=6)[:3]]
         assert torch.autograd.gradcheck(lambda a, b, c: dalle_fast.sparse_attention(a, b, c, kind, 3, 3, conv_kernel=3),
                                         x, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 @needs_gpu
 def test_cuda_boundary_checks_and_empty_tensors():
-    q, k, v, _ = _inputs((1, 1, 2, 3, 32, 3), torch.float16)
+    """The kernels raise what the shared boundary says (tests/test_sparse_attention_boundary.py drives
+    every case on the CPU); here a few of them on the device, and empty batches."""
+    q, k, v, _ = _inputs(BOUNDARY_SHAPE, torch.float16)
     op = torch.ops.dalle_fast.sparse_attention
-    with pytest.raises(RuntimeError, match="text_len \\+ image_size"):
+    with pytest.raises(ValueError, match="text_len \\+ image_size"):
         op(q, k, v, "row", 1, 3, 11, 0.3)
-    with pytest.raises(RuntimeError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="kind must be one of"):
         op(q, k, v, "diag", 2, 3, 11, 0.3)
-    with pytest.raises(RuntimeError, match="head_dim"):
-        x = torch.randn(1, 1, 11, 48, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dim"):
+        x = torch.randn(1, 1, 11, 264, device="cuda", dtype=torch.float16)
         op(x, x, x, "row", 2, 3, 11, 0.3)
-    with pytest.raises(RuntimeError, match="one dtype"):
+    with pytest.raises(TypeError, match="one dtype"):
         op(q, k.float(), v, "row", 2, 3, 11, 0.3)
-    with pytest.raises(RuntimeError, match="odd"):
+    with pytest.raises(ValueError, match="odd"):
         op(q, k, v, "conv", 2, 3, 4, 0.3)
-    with pytest.raises(RuntimeError, match="past their end"):
+    with pytest.raises(ValueError, match="past their end"):
         torch.ops.dalle_fast.sparse_attention_decode(q[:, :, :1], k[:, :, :3], v[:, :, :3], 5, "row", 2, 3, 11, 0.3)
-    e = torch.empty(0, 2, 11, 32, device="cuda", dtype=torch.float16)
+    e = _inputs(EMPTY_SHAPE, torch.float16)[0]
     out, lse = op(e, e, e, "row", 2, 3, 11, 0.3)
     assert out.shape == e.shape and lse.shape == (0, 2, 11)
     assert all(g.shape == e.shape for g in torch.ops.dalle_fast._sparse_attention_backward(e, e, e, e, out, lse, "row",

@@ -31,53 +31,19 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "dalle_fast/gumbel_softmax.h"
+#include "dalle_fast/gumbel_softmax_checks.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// The hot loops below are always-inline and reached through with_cpu_isa (cpu_isa.h), which
+// compiles them for AVX-512, AVX2 and the baseline and picks one at run time.
+#if defined(__GNUC__)
 #define DF_INLINE inline __attribute__((always_inline))
 #else
-#define DF_ISA_CLONES
 #define DF_INLINE inline
 #endif
 
 namespace dalle_fast {
-
-// Boundary checks, shared with cuda/gumbel_softmax_cuda.cu (declared there).
-void gumbel_softmax_check_logits(const at::Tensor& logits, int64_t dim, const char* op) {
-  const auto t = logits.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
-              ": logits must be float32, float64, float16 or bfloat16, got ", t);
-  (void)at::maybe_wrap_dim(dim, logits.dim());
-}
-
-void gumbel_softmax_check_inputs(const at::Tensor& logits, const at::Tensor& seed,
-                                 const std::optional<at::Tensor>& gumbels, double tau, int64_t dim) {
-  gumbel_softmax_check_logits(logits, dim, "gumbel_softmax");
-  TORCH_CHECK(std::isfinite(tau) && tau > 0, "gumbel_softmax: tau must be a finite number > 0, got ", tau);
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "gumbel_softmax: seed must be a one-element int64 tensor, got ", seed.scalar_type(),
-              " with ", seed.numel(), " elements");
-  TORCH_CHECK(seed.device() == logits.device(), "gumbel_softmax: seed must be on logits' device (",
-              logits.device(), "), got ", seed.device());
-  if (gumbels.has_value()) {
-    const auto t = logits.scalar_type();
-    TORCH_CHECK(gumbels->sizes() == logits.sizes(), "gumbel_softmax: gumbels must have logits' shape ",
-                logits.sizes(), ", got ", gumbels->sizes());
-    TORCH_CHECK(gumbels->scalar_type() == t, "gumbel_softmax: gumbels must have logits' dtype ", t,
-                ", got ", gumbels->scalar_type());
-    TORCH_CHECK(gumbels->device() == logits.device(), "gumbel_softmax: gumbels must be on logits' device (",
-                logits.device(), "), got ", gumbels->device());
-  }
-}
-
-void gumbel_softmax_check_backward(const at::Tensor& grad, const at::Tensor& y, double tau) {
-  TORCH_CHECK(grad.sizes() == y.sizes() && grad.scalar_type() == y.scalar_type() && grad.device() == y.device(),
-              "_gumbel_softmax_backward: grad and y must match in shape, dtype and device, got ",
-              grad.sizes(), " ", grad.scalar_type(), " and ", y.sizes(), " ", y.scalar_type());
-  TORCH_CHECK(std::isfinite(tau) && tau > 0, "_gumbel_softmax_backward: tau must be > 0, got ", tau);
-}
-
 namespace {
 
 constexpr int kLanes = 64;     // forward, inner > 1: inner positions per work item (one noise block)
@@ -155,7 +121,7 @@ DF_INLINE T hard_value(bool nan_slice, bool hot) {
 }
 
 template <typename T, Noise kNoise, bool kHard>
-DF_ISA_CLONES void columns_forward(const FwdArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* scratch) {
+DF_INLINE void columns_forward(const FwdArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* scratch) {
   using acc = acc_t<T>;
   const int64_t C = a.lay.C, inner = a.lay.inner, chunks = (inner + kLanes - 1) / kLanes;
   alignas(64) acc noise[2 * kNoiseBlock];
@@ -211,7 +177,7 @@ DF_ISA_CLONES void columns_forward(const FwdArgs<T>& a, int64_t begin, int64_t e
 }
 
 template <typename T, Noise kNoise, bool kHard>
-DF_ISA_CLONES void rows_forward(const FwdArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* z) {
+DF_INLINE void rows_forward(const FwdArgs<T>& a, int64_t begin, int64_t end, acc_t<T>* z) {
   using acc = acc_t<T>;
   const int64_t C = a.lay.C;
   alignas(64) acc noise[2 * kNoiseBlock], zblk[kLanes];
@@ -300,14 +266,16 @@ void run_forward(const FwdArgs<T>& a) {
   const SoftmaxLayout& l = a.lay;
   if (l.inner == 1) {
     at::parallel_for(0, l.outer, grain(l.outer, l.C), [&](int64_t b, int64_t e) {
-      rows_forward<T, kNoise, kHard>(a, b, e, thread_scratch<acc>(l.C));
+      acc* z = thread_scratch<acc>(l.C);
+      with_cpu_isa([&] { rows_forward<T, kNoise, kHard>(a, b, e, z); });
     });
     return;
   }
   const int64_t items = l.outer * ((l.inner + kLanes - 1) / kLanes);
   const bool use_scratch = a.soft && l.C * kLanes * int64_t(sizeof(acc)) <= kMaxScratchBytes;
   at::parallel_for(0, items, grain(items, l.C * std::min<int64_t>(l.inner, kLanes)), [&](int64_t b, int64_t e) {
-    columns_forward<T, kNoise, kHard>(a, b, e, use_scratch ? thread_scratch<acc>(l.C * kLanes) : nullptr);
+    acc* scratch = use_scratch ? thread_scratch<acc>(l.C * kLanes) : nullptr;
+    with_cpu_isa([&] { columns_forward<T, kNoise, kHard>(a, b, e, scratch); });
   });
 }
 
@@ -345,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& logits, uint64_t se
 }
 
 template <typename T>
-DF_ISA_CLONES void columns_backward(const T* g, const T* y, T* dx, SoftmaxLayout lay, acc_t<T> inv_tau,
+DF_INLINE void columns_backward(const T* g, const T* y, T* dx, SoftmaxLayout lay, acc_t<T> inv_tau,
                                     int64_t begin, int64_t end) {
   using acc = acc_t<T>;
   const int64_t C = lay.C, inner = lay.inner, chunks = (inner + kBwdLanes - 1) / kBwdLanes;
@@ -368,7 +336,7 @@ DF_ISA_CLONES void columns_backward(const T* g, const T* y, T* dx, SoftmaxLayout
 }
 
 template <typename T>
-DF_ISA_CLONES void rows_backward(const T* g, const T* y, T* dx, int64_t C, acc_t<T> inv_tau,
+DF_INLINE void rows_backward(const T* g, const T* y, T* dx, int64_t C, acc_t<T> inv_tau,
                                  int64_t begin, int64_t end) {
   using acc = acc_t<T>;
   for (int64_t o = begin; o < end; ++o) {
@@ -416,7 +384,7 @@ at::Tensor one_hot_argmax_cpu(const at::Tensor& logits, int64_t dim) {
 }
 
 at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor& y, double tau, int64_t dim) {
-  gumbel_softmax_check_backward(grad, y, tau);
+  gumbel_softmax_check_backward(grad, y, tau, dim);
   dim = at::maybe_wrap_dim(dim, y.dim());
   const at::Tensor g = grad.contiguous(), yc = y.contiguous();
   at::Tensor dx = at::empty(yc.sizes(), yc.options());
@@ -428,12 +396,14 @@ at::Tensor gumbel_softmax_backward_cpu(const at::Tensor& grad, const at::Tensor&
     const auto inv_tau = static_cast<acc_t<scalar_t>>(1.0 / tau);
     if (lay.inner == 1) {
       at::parallel_for(0, lay.outer, grain(lay.outer, lay.C), [&](int64_t b, int64_t e) {
-        rows_backward<scalar_t>(gp, yp, dp, lay.C, inv_tau, b, e);
+        with_cpu_isa([&] { rows_backward<scalar_t>(gp, yp, dp, lay.C, inv_tau, b, e); });
       });
     } else {
       const int64_t items = lay.outer * ((lay.inner + kBwdLanes - 1) / kBwdLanes);
       at::parallel_for(0, items, grain(items, lay.C * std::min<int64_t>(lay.inner, kBwdLanes)),
-                       [&](int64_t b, int64_t e) { columns_backward<scalar_t>(gp, yp, dp, lay, inv_tau, b, e); });
+                       [&](int64_t b, int64_t e) {
+                         with_cpu_isa([&] { columns_backward<scalar_t>(gp, yp, dp, lay, inv_tau, b, e); });
+                       });
     }
   });
   return dx;

@@ -69,7 +69,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& stats_in, doubl
     a.store_loss = true;
     a.bad = bad.data_ptr<uint8_t>();
     run_forward(a);
-    TORCH_CHECK(!bad.any().item<bool>(), "logit_laplace_loss: x must lie in [0, 1] (found a value outside it or NaN)");
+    check_x_values(bad.any().item<bool>());
     return out;
   }
   // Empty: 'sum' is 0 and 'mean' is NaN (0 / 0), as torch's sum and mean give.
@@ -90,7 +90,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& stats_in, doubl
     total += a.partials[c];
     any_bad |= bad_p[c] != 0;
   }
-  TORCH_CHECK(!any_bad, "logit_laplace_loss: x must lie in [0, 1] (found a value outside it or NaN)");
+  check_x_values(any_bad);
   if (red == kMean) total /= static_cast<double>(n);
   return at::full({}, total, x.options());
 }

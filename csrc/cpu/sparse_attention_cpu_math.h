@@ -1,8 +1,8 @@
 // Row-wise softmax pieces of the CPU sparse attention kernel (float: SIMD, double: plain loops).
 //
 // The extension is compiled for the baseline x86-64 ISA (at::vec would then be its scalar fallback),
-// so the float loops are cloned by GCC for AVX-512 / AVX2 / baseline and picked at load time from
-// the running CPU (target_clones): runtime dispatch without assuming any ISA at compile time. exp is
+// so each float loop runs through with_cpu_isa (cpu_isa.h): compiled for AVX-512, AVX2 and the
+// baseline, picked at run time from ATen's CPU capability, no ISA assumed at compile time. exp is
 // a polynomial the compiler can vectorize; its error is ~1 ulp, far below fp32 GEMM rounding.
 #pragma once
 #include <cmath>
@@ -10,14 +10,10 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu_isa.h"
+
 namespace dalle_fast {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DF_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DF_SIMD_CLONES
-#endif
 
 // e^x for x <= ~88; returns 0 below -87 (masked scores are -inf).
 inline float exp_poly(float x) {
@@ -39,57 +35,71 @@ inline float exp_poly(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-DF_SIMD_CLONES float row_max_f32(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
+inline float row_max_f32(const float* x, int64_t n) {
+  return with_cpu_isa([&] {
+    float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
+    for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+    return m;
+  });
 }
 
-DF_SIMD_CLONES float exp_sub_sum_f32(float* x, int64_t n, float sub) {
-  float s = 0.0f;
+inline float exp_sub_sum_f32(float* x, int64_t n, float sub) {
+  return with_cpu_isa([&] {
+    float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = exp_poly(x[i] - sub);
-    x[i] = e;
-    s += e;
-  }
-  return s;
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = exp_poly(x[i] - sub);
+      x[i] = e;
+      s += e;
+    }
+    return s;
+  });
 }
 
-DF_SIMD_CLONES void scale_f32(float* x, int64_t n, float a) {
+inline void scale_f32(float* x, int64_t n, float a) {
+  return with_cpu_isa([&] {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+    for (int64_t i = 0; i < n; ++i) x[i] *= a;
+  });
 }
 
-DF_SIMD_CLONES void mask_f32(float* x, const uint8_t* m, int64_t n) {
-  const float ninf = -std::numeric_limits<float>::infinity();
+inline void mask_f32(float* x, const uint8_t* m, int64_t n) {
+  return with_cpu_isa([&] {
+    const float ninf = -std::numeric_limits<float>::infinity();
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] = m[i] ? x[i] : ninf;
+    for (int64_t i = 0; i < n; ++i) x[i] = m[i] ? x[i] : ninf;
+  });
 }
 
 // dS = P * (dP - d) * scale, in place over dP.
-DF_SIMD_CLONES void softmax_grad_f32(float* dp, const float* p, int64_t n, float d, float scale) {
+inline void softmax_grad_f32(float* dp, const float* p, int64_t n, float d, float scale) {
+  return with_cpu_isa([&] {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d) * scale;
+    for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - d) * scale;
+  });
 }
 
-DF_SIMD_CLONES float dot_f32(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  return with_cpu_isa([&] {
+    float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    return s;
+  });
 }
 
 // y += a * x
-DF_SIMD_CLONES void axpy_f32(float* y, float a, const float* x, int64_t n) {
+inline void axpy_f32(float* y, float a, const float* x, int64_t n) {
+  return with_cpu_isa([&] {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  });
 }
 
 // One decode query against `cnt` gathered cache rows (keys[n] * ld): s receives the probabilities
 // unnormalized, out = softmax(q . K^T) V. q is pre-scaled float. One call per (batch, head), so the
-// per-key work stays inside one cloned function (a call per key costs as much as the key itself).
+// per-key work stays inside one ISA-specific function (a call per key costs as much as the key itself).
 inline float load_f(const float* p, int64_t i) { return p[i]; }
 inline float load_f(const uint16_t* p, int64_t i) {  // bfloat16 bits
   const uint32_t bits = (uint32_t)p[i] << 16;
@@ -128,16 +138,20 @@ __attribute__((always_inline)) inline void attend_one_impl(const float* q, const
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) out[d] *= inv;
 }
-DF_SIMD_CLONES void attend_one_f32(const float* q, const float* K, int64_t ldk, const float* V, int64_t ldv,
-                                   const int64_t* keys, int64_t cnt, int64_t D, float* s, float* out) {
-  attend_one_impl(q, K, ldk, V, ldv, keys, cnt, D, s, out);
+inline void attend_one_f32(const float* q, const float* K, int64_t ldk, const float* V, int64_t ldv,
+                           const int64_t* keys, int64_t cnt, int64_t D, float* s, float* out) {
+  return with_cpu_isa([&] {
+    attend_one_impl(q, K, ldk, V, ldv, keys, cnt, D, s, out);
+  });
 }
-DF_SIMD_CLONES void attend_one_bf16(const float* q, const uint16_t* K, int64_t ldk, const uint16_t* V, int64_t ldv,
-                                    const int64_t* keys, int64_t cnt, int64_t D, float* s, float* out) {
-  attend_one_impl(q, K, ldk, V, ldv, keys, cnt, D, s, out);
+inline void attend_one_bf16(const float* q, const uint16_t* K, int64_t ldk, const uint16_t* V, int64_t ldv,
+                            const int64_t* keys, int64_t cnt, int64_t D, float* s, float* out) {
+  return with_cpu_isa([&] {
+    attend_one_impl(q, K, ldk, V, ldv, keys, cnt, D, s, out);
+  });
 }
 
-// Overloads the templated kernel calls: float goes to the clones above, double to plain loops.
+// Overloads the templated kernel calls: float goes to the ISA-dispatched loops above, double to plain loops.
 inline float row_max(const float* x, int64_t n) { return row_max_f32(x, n); }
 inline float exp_sub_sum(float* x, int64_t n, float sub) { return exp_sub_sum_f32(x, n, sub); }
 inline void exp_sub(float* x, int64_t n, float sub) { (void)exp_sub_sum_f32(x, n, sub); }

@@ -20,15 +20,9 @@
 #include <tuple>
 
 #include "dalle_fast/gumbel_softmax.h"
+#include "dalle_fast/gumbel_softmax_checks.h"
 
 namespace dalle_fast {
-
-// Defined in cpu/gumbel_softmax_cpu.cpp: the same boundary checks for both devices.
-void gumbel_softmax_check_logits(const at::Tensor& logits, int64_t dim, const char* op);
-void gumbel_softmax_check_inputs(const at::Tensor& logits, const at::Tensor& seed,
-                                 const std::optional<at::Tensor>& gumbels, double tau, int64_t dim);
-void gumbel_softmax_check_backward(const at::Tensor& grad, const at::Tensor& y, double tau);
-
 namespace {
 
 enum class Noise { kSeed, kGiven, kNone };
@@ -314,7 +308,7 @@ at::Tensor one_hot_argmax_cuda(const at::Tensor& logits, int64_t dim) {
 }
 
 at::Tensor gumbel_softmax_backward_cuda(const at::Tensor& grad, const at::Tensor& y, double tau, int64_t dim) {
-  gumbel_softmax_check_backward(grad, y, tau);
+  gumbel_softmax_check_backward(grad, y, tau, dim);
   const c10::cuda::CUDAGuard guard(y.device());
   dim = at::maybe_wrap_dim(dim, y.dim());
   const at::Tensor g = grad.contiguous(), yc = y.contiguous();

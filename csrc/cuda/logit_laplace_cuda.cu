@@ -16,8 +16,8 @@
 #include <string>
 #include <tuple>
 
-#include "../cpu/logit_laplace_common.h"
 #include "dalle_fast/logit_laplace.h"
+#include "dalle_fast/logit_laplace_checks.h"
 
 namespace dalle_fast {
 namespace logit_laplace {
@@ -172,7 +172,7 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& stats_in, doub
     }
   });
   // Reading the flag synchronises with the stream: the price of a clear error for x outside [0, 1].
-  TORCH_CHECK(bad.item<int>() == 0, "logit_laplace_loss: x must lie in [0, 1] (found a value outside it or NaN)");
+  check_x_values(bad.item<int>() != 0);
   return out;
 }
 

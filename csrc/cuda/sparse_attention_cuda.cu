@@ -1,5 +1,6 @@
 // CUDA entry points of sparse_attention, _sparse_attention_backward and sparse_attention_decode:
-// argument checks, the cached block layouts, and the cached-decoding kernel. The forward and
+// the shared boundary (dalle_fast/sparse_attention_checks.h), head-dim tiles and padding, the
+// cached block layouts, and the cached-decoding kernel. The forward and
 // backward kernels are in sparse_attention_{fwd,bwd}_cuda.cu (separate files compile in parallel).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -17,40 +18,11 @@
 #include <tuple>
 #include <utility>
 
+#include "dalle_fast/sparse_attention_checks.h"
 #include "dalle_fast/sparse_attention_cuda.cuh"
 
 namespace dalle_fast {
 namespace {
-
-MaskSpec make_spec(const char* op, c10::string_view kind, int64_t text_len, int64_t image_size, int64_t conv_kernel) {
-  MaskKind mk = MaskKind::Full;
-  if (kind == "full") mk = MaskKind::Full;
-  else if (kind == "row") mk = MaskKind::Row;
-  else if (kind == "column") mk = MaskKind::Column;
-  else if (kind == "conv") mk = MaskKind::Conv;
-  else TORCH_CHECK(false, op, ": kind must be one of 'full', 'row', 'column', 'conv', got '", std::string(kind.data(), kind.size()), "'");
-  TORCH_CHECK(text_len >= 0, op, ": text_len must be >= 0, got ", text_len);
-  TORCH_CHECK(image_size >= 0, op, ": image_size must be >= 0, got ", image_size);
-  TORCH_CHECK(text_len + image_size * image_size < (int64_t{1} << 24), op,
-              ": text_len + image_size^2 must be below 2^24, got ", text_len + image_size * image_size);
-  if (mk == MaskKind::Conv) {
-    TORCH_CHECK(conv_kernel >= 1 && conv_kernel % 2 == 1, op, ": conv_kernel must be a positive odd number, got ",
-                conv_kernel);
-  } else {
-    conv_kernel = 1;  // unused: one cached layout per (kind, text_len, image_size)
-  }
-  return MaskSpec{mk, static_cast<int>(text_len), static_cast<int>(image_size), static_cast<int>(conv_kernel)};
-}
-
-void check_head_dim(const char* op, int64_t D) {
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, op, ": head_dim (the last dimension) must be 32, 64 or 128, got ", D);
-}
-
-void check_dtype(const char* op, const char* name, const at::Tensor& t) {
-  const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", st);
-}
 
 void check_device(const char* op, const at::Tensor& q) {
   const int major = at::cuda::getDeviceProperties(q.device().index())->major;
@@ -85,8 +57,10 @@ std::shared_ptr<const DeviceLayout> get_layout(const MaskSpec& spec, const at::D
   static std::mutex mutex;
   // Leaked on purpose: device tensors must not be freed by static destructors after CUDA shuts down.
   static auto* cache = new std::list<std::pair<LayoutKey, std::shared_ptr<const DeviceLayout>>>();
-  const LayoutKey key{static_cast<int>(spec.kind), spec.text_len, spec.image_size, spec.conv_kernel,
-                      kSparseAttentionTile, device.index()};
+  // conv_kernel shapes the conv mask only: one cached layout per (kind, text_len, image_size) otherwise.
+  const int ck = spec.kind == MaskKind::Conv ? spec.conv_kernel : 1;
+  const LayoutKey key{static_cast<int>(spec.kind), spec.text_len, spec.image_size, ck, kSparseAttentionTile,
+                      device.index()};
   std::lock_guard<std::mutex> lock(mutex);
   for (auto it = cache->begin(); it != cache->end(); ++it) {
     if (it->first == key) {
@@ -114,7 +88,7 @@ std::shared_ptr<const DeviceLayout> get_layout(const MaskSpec& spec, const at::D
   return dev;
 }
 
-SparseAttentionParams base_params(const DeviceLayout& layout, const MaskSpec& spec, int64_t bh, int64_t N,
+SparseAttentionParams base_params(const DeviceLayout& layout, const MaskSpec& spec, int64_t bh, int64_t N, int64_t d,
                                   double scale) {
   TORCH_CHECK(bh * layout.n_tiles * 2 < std::numeric_limits<int>::max(),
               "sparse_attention: batch * heads * tiles is too large for one launch");
@@ -128,57 +102,63 @@ SparseAttentionParams base_params(const DeviceLayout& layout, const MaskSpec& sp
   p.n_tiles = layout.n_tiles;
   p.bh = static_cast<int>(bh);
   p.N = static_cast<int>(N);
+  p.d = static_cast<int>(d);
   p.spec = spec;
   p.perm = seq_perm_for(spec);
   p.scale = scale;
   return p;
 }
 
-void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const MaskSpec& spec) {
-  TORCH_CHECK(q.dim() == 4, op, ": q must have shape (batch, heads, seq_len, head_dim), got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), op, ": k must have the shape of q ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == q.sizes(), op, ": v must have the shape of q ", q.sizes(), ", got ", v.sizes());
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), op, ": q, k and v must be CUDA tensors");
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device, got ",
-              q.device(), ", ", k.device(), ", ", v.device());
-  check_dtype(op, "q", q);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
-  TORCH_CHECK(q.size(2) == spec.seq_len(), op, ": seq_len (q.size(2) = ", q.size(2),
-              ") must equal text_len + image_size^2 = ", spec.seq_len());
-  check_head_dim(op, q.size(3));
+// The kernels are compiled per head-dim tile (sparse_attention_head_dim_tile); d <= tile.
+template <typename scalar_t>
+void fwd_by_head_dim(int64_t d, const SparseAttentionParams& p, cudaStream_t s) {
+  switch (sparse_attention_head_dim_tile(static_cast<int>(d))) {
+    case 64: return sparse_attention_fwd_launch<scalar_t, 64>(p, s);
+    case 128: return sparse_attention_fwd_launch<scalar_t, 128>(p, s);
+    case 256: return sparse_attention_fwd_launch<scalar_t, 256>(p, s);
+  }
+  TORCH_CHECK(false, "sparse_attention: no CUDA kernel for head dim ", d);  // unreachable past the boundary
+}
+template <typename scalar_t>
+void bwd_by_head_dim(int64_t d, const SparseAttentionParams& p, cudaStream_t s) {
+  switch (sparse_attention_head_dim_tile(static_cast<int>(d))) {
+    case 64: return sparse_attention_bwd_launch<scalar_t, 64>(p, s);
+    case 128: return sparse_attention_bwd_launch<scalar_t, 128>(p, s);
+    case 256: return sparse_attention_bwd_launch<scalar_t, 256>(p, s);
+  }
+  TORCH_CHECK(false, "_sparse_attention_backward: no CUDA kernel for head dim ", d);
 }
 
-template <typename scalar_t>
-void fwd_by_head_dim(int64_t D, const SparseAttentionParams& p, cudaStream_t s) {
-  if (D == 32) sparse_attention_fwd_launch<scalar_t, 32>(p, s);
-  else if (D == 64) sparse_attention_fwd_launch<scalar_t, 64>(p, s);
-  else sparse_attention_fwd_launch<scalar_t, 128>(p, s);
+// The kernels read rows of whole 16-byte vectors: a head dim that is not a multiple of 8 runs on
+// a zero-padded copy (exact: the zero columns add nothing to q.k and give zero output columns).
+int64_t padded_head_dim(int64_t d) {
+  constexpr int64_t a = kSparseAttentionCudaHeadDimAlign;
+  return (d + a - 1) / a * a;
 }
-template <typename scalar_t>
-void bwd_by_head_dim(int64_t D, const SparseAttentionParams& p, cudaStream_t s) {
-  if (D == 32) sparse_attention_bwd_launch<scalar_t, 32>(p, s);
-  else if (D == 64) sparse_attention_bwd_launch<scalar_t, 64>(p, s);
-  else sparse_attention_bwd_launch<scalar_t, 128>(p, s);
+at::Tensor pad_head_dim(const at::Tensor& t, int64_t dp) {
+  return t.size(3) == dp ? t : at::constant_pad_nd(t, {0, dp - t.size(3)});
+}
+at::Tensor unpad_head_dim(const at::Tensor& t, int64_t d) {
+  return t.size(3) == d ? t : t.narrow(3, 0, d).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                          const at::Tensor& v_in, c10::string_view kind, int64_t text_len,
                                                          int64_t image_size, int64_t conv_kernel, double scale) {
   constexpr const char* op = "sparse_attention";
-  const MaskSpec spec = make_spec(op, kind, text_len, image_size, conv_kernel);
-  check_qkv(op, q_in, k_in, v_in, spec);
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  const MaskSpec spec = check_sparse_attention(op, q_in, k_in, v_in, kind, text_len, image_size, conv_kernel, scale,
+                                               c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
-  at::Tensor out = at::empty({B, H, N, D}, q_in.options());
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3), Dp = padded_head_dim(D);
+  at::Tensor out = at::empty({B, H, N, Dp}, q_in.options());
   // lse in the accumulation type: float, double for double inputs.
   at::Tensor lse = at::empty({B, H, N}, q_in.options().dtype(q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-  if (B * H == 0 || N == 0) return {out, lse};
+  if (B * H == 0 || N == 0) return {unpad_head_dim(out, D), lse};
   check_device(op, q_in);
-  const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  const at::Tensor q = prepare(pad_head_dim(q_in, Dp)), k = prepare(pad_head_dim(k_in, Dp)),
+                   v = prepare(pad_head_dim(v_in, Dp));
   const auto layout = get_layout(spec, q.device());
-  SparseAttentionParams p = base_params(*layout, spec, B * H, N, scale);
+  SparseAttentionParams p = base_params(*layout, spec, B * H, N, Dp, scale);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -186,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q_in,
   p.lse = lse.data_ptr();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_attention_cuda",
-                                  [&] { fwd_by_head_dim<scalar_t>(D, p, stream); });
-  return {out, lse};
+                                  [&] { fwd_by_head_dim<scalar_t>(Dp, p, stream); });
+  return {unpad_head_dim(out, D), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
@@ -195,35 +175,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
     const at::Tensor& out_in, const at::Tensor& lse_in, c10::string_view kind, int64_t text_len, int64_t image_size,
     int64_t conv_kernel, double scale) {
   constexpr const char* op = "_sparse_attention_backward";
-  const MaskSpec spec = make_spec(op, kind, text_len, image_size, conv_kernel);
-  check_qkv(op, q_in, k_in, v_in, spec);
-  TORCH_CHECK(grad_out.sizes() == q_in.sizes(), op, ": grad_out must have the shape of q ", q_in.sizes(), ", got ",
-              grad_out.sizes());
-  TORCH_CHECK(out_in.sizes() == q_in.sizes(), op, ": out must have the shape of q ", q_in.sizes(), ", got ",
-              out_in.sizes());
-  TORCH_CHECK(grad_out.device() == q_in.device() && out_in.device() == q_in.device() && lse_in.device() == q_in.device(),
-              op, ": grad_out, out and lse must be on the device of q (", q_in.device(), ")");
-  TORCH_CHECK(grad_out.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(), op,
-              ": grad_out and out must have the dtype of q (", q_in.scalar_type(), ")");
-  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H && lse_in.size(2) == N, op,
-              ": lse must have shape (batch, heads, seq_len) = (", B, ", ", H, ", ", N, "), got ", lse_in.sizes());
-  TORCH_CHECK(at::isFloatingType(lse_in.scalar_type()), op, ": lse must be a floating tensor, got ",
-              lse_in.scalar_type());
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  const MaskSpec spec = check_sparse_attention_backward(grad_out, q_in, k_in, v_in, out_in, lse_in, kind, text_len,
+                                                        image_size, conv_kernel, scale, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  at::Tensor dq = at::empty({B, H, N, D}, q_in.options());
-  at::Tensor dk = at::empty({B, H, N, D}, q_in.options());
-  at::Tensor dv = at::empty({B, H, N, D}, q_in.options());
-  if (B * H == 0 || N == 0) return {dq, dk, dv};
+  const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3), Dp = padded_head_dim(D);
+  at::Tensor dq = at::empty({B, H, N, Dp}, q_in.options());
+  at::Tensor dk = at::empty({B, H, N, Dp}, q_in.options());
+  at::Tensor dv = at::empty({B, H, N, Dp}, q_in.options());
+  if (B * H == 0 || N == 0) return {unpad_head_dim(dq, D), unpad_head_dim(dk, D), unpad_head_dim(dv, D)};
   check_device(op, q_in);
-  const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in), out = prepare(out_in),
-                   dout = prepare(grad_out);
+  const at::Tensor q = prepare(pad_head_dim(q_in, Dp)), k = prepare(pad_head_dim(k_in, Dp)),
+                   v = prepare(pad_head_dim(v_in, Dp)), out = prepare(pad_head_dim(out_in, Dp)),
+                   dout = prepare(pad_head_dim(grad_out, Dp));
   const bool is_double = q.scalar_type() == at::kDouble;
   const at::Tensor lse = lse_in.to(is_double ? at::kDouble : at::kFloat).contiguous();
   at::Tensor delta = at::empty({B * H * N}, q.options().dtype(is_double ? at::kDouble : at::kFloat));
   const auto layout = get_layout(spec, q.device());
-  SparseAttentionParams p = base_params(*layout, spec, B * H, N, scale);
+  SparseAttentionParams p = base_params(*layout, spec, B * H, N, Dp, scale);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -236,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   p.dv = dv.data_ptr();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_attention_backward_cuda",
-                                  [&] { bwd_by_head_dim<scalar_t>(D, p, stream); });
-  return {dq, dk, dv};
+                                  [&] { bwd_by_head_dim<scalar_t>(Dp, p, stream); });
+  return {unpad_head_dim(dq, D), unpad_head_dim(dk, D), unpad_head_dim(dv, D)};
 }
 
 // ---- cached decoding: one block per (batch, head) gathers exactly the allowed keys ----
@@ -248,6 +216,7 @@ struct DecodeParams {
   void* out;  // (B*heads, D)
   int64_t k_sb, k_sh, k_sl, v_sb, v_sh, v_sl;  // element strides of the caches (the last one is 1)
   int heads, D, position, count;
+  bool vec;  // every cache row is whole, 16-byte aligned vectors (else scalar loads)
   MaskSpec spec;
   double scale;
 };
@@ -276,7 +245,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(256, 1) decode_kernel(const DecodeParams p) {
   using A = acc_t<scalar_t>;
   constexpr int kThreads = 256, kVec = 16 / sizeof(scalar_t);
-  __shared__ A sq[128], sp[kThreads], sacc[kThreads], sred[kThreads / 32];
+  __shared__ A sq[kSparseAttentionMaxCudaHeadDim], sp[kThreads], sacc[kThreads], sred[kThreads / 32];
   __shared__ int skey[kThreads];
   const int bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads, tid = threadIdx.x, D = p.D;
   const scalar_t* q = static_cast<const scalar_t*>(p.q) + static_cast<int64_t>(bh) * D;
@@ -285,6 +254,7 @@ __global__ void __launch_bounds__(256, 1) decode_kernel(const DecodeParams p) {
   for (int d = tid; d < D; d += kThreads) sq[d] = static_cast<A>(q[d]);
   __syncthreads();
   const A sl2 = static_cast<A>(p.scale) * static_cast<A>(1.4426950408889634);
+  // groups of D threads split the chunk's keys for the P V sum (threads past the last group idle there).
   const int groups = kThreads / D, group = tid / D, d = tid % D;
   A m = -INFINITY, l = 0, acc = 0;
   for (int c0 = 0; c0 < p.count; c0 += kThreads) {
@@ -295,11 +265,15 @@ __global__ void __launch_bounds__(256, 1) decode_kernel(const DecodeParams p) {
       key = p.spec.allowed_key(p.position, n);
       const scalar_t* kr = K + key * p.k_sl;
       A dot = 0;
-      for (int d0 = 0; d0 < D; d0 += kVec) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(kr + d0);
-        const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
+      if (p.vec) {
+        for (int d0 = 0; d0 < D; d0 += kVec) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(kr + d0);
+          const scalar_t* vals = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
-        for (int c = 0; c < kVec; ++c) dot += sq[d0 + c] * static_cast<A>(vals[c]);
+          for (int c = 0; c < kVec; ++c) dot += sq[d0 + c] * static_cast<A>(vals[c]);
+        }
+      } else {
+        for (int d0 = 0; d0 < D; ++d0) dot += sq[d0] * static_cast<A>(kr[d0]);
       }
       s = dot * sl2;
     }
@@ -312,7 +286,8 @@ __global__ void __launch_bounds__(256, 1) decode_kernel(const DecodeParams p) {
     m = m_new;
     acc *= alpha;
     const int lim = min(kThreads, p.count - c0);
-    for (int nn = group; nn < lim; nn += groups) acc += sp[nn] * static_cast<A>(V[skey[nn] * p.v_sl + d]);
+    if (group < groups)
+      for (int nn = group; nn < lim; nn += groups) acc += sp[nn] * static_cast<A>(V[skey[nn] * p.v_sl + d]);
     __syncthreads();  // sp and skey are rewritten by the next chunk
   }
   sacc[tid] = acc;
@@ -324,43 +299,29 @@ __global__ void __launch_bounds__(256, 1) decode_kernel(const DecodeParams p) {
   }
 }
 
+// Whether the kernel may read c's rows as aligned 16-byte vectors.
+bool vector_rows(const at::Tensor& c) {
+  const int64_t vec = 16 / static_cast<int64_t>(c.element_size());
+  return c.stride(3) == 1 && c.size(3) % vec == 0 && c.stride(0) % vec == 0 && c.stride(1) % vec == 0 &&
+         c.stride(2) % vec == 0 && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0;
+}
+
 // Strided caches are read in place (a preallocated cache sliced to the current length must not be
-// copied every step); only a cache whose rows are not whole aligned 16-byte vectors is copied.
+// copied every step); a cache is copied only when that makes its rows whole aligned vectors, or
+// when its last dimension is strided. Head dims that are no multiple of the vector run scalar loads.
 at::Tensor decode_cache(const at::Tensor& c) {
   const int64_t vec = 16 / static_cast<int64_t>(c.element_size());
-  const bool ok = c.stride(3) == 1 && c.stride(0) % vec == 0 && c.stride(1) % vec == 0 && c.stride(2) % vec == 0 &&
-                  reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0;
-  return ok ? c : prepare(c);
+  if (vector_rows(c) || (c.size(3) % vec != 0 && c.stride(3) == 1)) return c;
+  return prepare(c);
 }
 
 at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                         int64_t position, c10::string_view kind, int64_t text_len, int64_t image_size,
                                         int64_t conv_kernel, double scale) {
   constexpr const char* op = "sparse_attention_decode";
-  const MaskSpec spec = make_spec(op, kind, text_len, image_size, conv_kernel);
-  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1, op, ": q must have shape (batch, heads, 1, head_dim), got ",
-              q_in.sizes());
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4, op,
-              ": k_cache and v_cache must have shape (batch, heads, cache_len, head_dim), got ", k_cache.sizes(),
-              " and ", v_cache.sizes());
+  const MaskSpec spec = check_sparse_attention_decode(q_in, k_cache, v_cache, position, kind, text_len, image_size,
+                                                      conv_kernel, scale, c10::DeviceType::CUDA);
   const int64_t B = q_in.size(0), H = q_in.size(1), D = q_in.size(3);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(1) == H && k_cache.size(3) == D, op,
-              ": k_cache must have batch, heads and head_dim of q (", B, ", ", H, ", ", D, "), got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ", k_cache.sizes(),
-              ", got ", v_cache.sizes());
-  TORCH_CHECK(q_in.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && k_cache.device() == q_in.device() &&
-                  v_cache.device() == q_in.device(),
-              op, ": q, k_cache and v_cache must be CUDA tensors on one device");
-  check_dtype(op, "q", q_in);
-  TORCH_CHECK(k_cache.scalar_type() == q_in.scalar_type() && v_cache.scalar_type() == q_in.scalar_type(), op,
-              ": q, k_cache and v_cache must have one dtype, got ", q_in.scalar_type(), ", ", k_cache.scalar_type(),
-              ", ", v_cache.scalar_type());
-  check_head_dim(op, D);
-  TORCH_CHECK(position >= 0 && position < spec.seq_len(), op, ": position must be in [0, text_len + image_size^2 = ",
-              spec.seq_len(), "), got ", position);
-  TORCH_CHECK(k_cache.size(2) > position, op, ": the caches hold ", k_cache.size(2), " positions; position ", position,
-              " is past their end");
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = at::empty({B, H, 1, D}, q_in.options());
   if (B * H == 0) return out;
@@ -368,7 +329,8 @@ at::Tensor sparse_attention_decode_cuda(const at::Tensor& q_in, const at::Tensor
   const at::Tensor q = q_in.contiguous(), k = decode_cache(k_cache), v = decode_cache(v_cache);
   DecodeParams p{q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
                  v.stride(0), v.stride(1), v.stride(2), static_cast<int>(H), static_cast<int>(D),
-                 static_cast<int>(position), spec.allowed_count(static_cast<int>(position)), spec, scale};
+                 static_cast<int>(position), spec.allowed_count(static_cast<int>(position)),
+                 vector_rows(k) && vector_rows(v), spec, scale};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_attention_decode_cuda", [&] {
     decode_kernel<scalar_t><<<static_cast<unsigned>(B * H), 256, 0, stream>>>(p);

@@ -3,10 +3,10 @@
 //             (batch*head, 64-query tile), each warp owns 16 query rows; K/V tiles stream through
 //             shared memory with cp.async (the next K loads while P @ V runs, the next V while the
 //             next S = Q K^T runs); online softmax in fp32 registers, in log2 units.
-//  fp32/fp64: SIMT, 8 threads per query row, 32 rows per block, exact in the input precision.
+//  fp32/fp64: SIMT, 8-32 threads per query row (SimtShape), exact in the input precision.
+// Templates over the head-dim tile D; the real head dim p.d <= D (see SparseAttentionParams).
 // Host checks, the layout cache and the op registration are in sparse_attention_cuda.cu.
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -25,6 +25,9 @@ constexpr int kTile = kSparseAttentionTile;
 template <typename T, int D>
 __global__ void __launch_bounds__(128) fwd_mma_kernel(const SparseAttentionParams p) {
   constexpr int LD = D + 8;  // padded rows: ldmatrix row addresses fall in distinct bank groups
+  // Q's fragments stay in registers up to a 128 tile; the 256 tile reads them from shared memory at
+  // each use (as flash-attention does for large head dims), leaving the registers to O.
+  constexpr bool kQInRegs = D <= 128;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kTile * LD;
@@ -34,7 +37,8 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const SparseAttentionParam
   const int qt = p.n_tiles - 1 - static_cast<int>(blockIdx.x % p.n_tiles);
   const int bh = static_cast<int>(blockIdx.x / p.n_tiles);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int64_t base = static_cast<int64_t>(bh) * p.N * D;
+  const int d = p.d, d16 = (d + 15) & ~15;  // columns past d16 are never multiplied
+  const int64_t base = static_cast<int64_t>(bh) * p.N * d;
   const T* Q = static_cast<const T*>(p.q) + base;
   const T* K = static_cast<const T*>(p.k) + base;
   const T* V = static_cast<const T*>(p.v) + base;
@@ -44,18 +48,21 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const SparseAttentionParam
 
   // cp.async groups: Q, K[begin], V[begin]. Groups are committed even when empty so that
   // wait_group counts stay the same on every path.
-  load_rows_async<T, D, kTile, 128>(sQ, LD, Q, q0, p.N, p.perm, tid);
+  load_rows_async<T, D, kTile, 128>(sQ, LD, Q, q0, p.N, d, p.perm, tid);
   cp_async_commit();
-  if (begin < end) load_rows_async<T, D, kTile, 128>(sK, LD, K, entries[2 * begin] * kTile, p.N, p.perm, tid);
+  if (begin < end) load_rows_async<T, D, kTile, 128>(sK, LD, K, entries[2 * begin] * kTile, p.N, d, p.perm, tid);
   cp_async_commit();
-  if (begin < end) load_rows_async<T, D, kTile, 128>(sV, LD, V, entries[2 * begin] * kTile, p.N, p.perm, tid);
+  if (begin < end) load_rows_async<T, D, kTile, 128>(sV, LD, V, entries[2 * begin] * kTile, p.N, d, p.perm, tid);
   cp_async_commit();
   cp_async_wait<1>();  // Q and K landed; V may be in flight
   __syncthreads();
 
-  uint32_t qf[D / 16][4];
+  uint32_t qf[kQInRegs ? D / 16 : 1][4];
+  if constexpr (kQInRegs) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) a_frag(qf[kk], sQ, LD, warp * 16, kk * 16, lane);
+    for (int kk = 0; kk < D / 16; ++kk)
+      if (kk * 16 < d16) a_frag(qf[kk], sQ, LD, warp * 16, kk * 16, lane);
+  }
 
   float o[D / 8][4];
 #pragma unroll
@@ -77,16 +84,23 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const SparseAttentionParam
     for (int i = 0; i < kTile / 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      if (kk * 16 >= d16) continue;
+      uint32_t qa[4];
+      if constexpr (kQInRegs) {
+        qa[0] = qf[kk][0], qa[1] = qf[kk][1], qa[2] = qf[kk][2], qa[3] = qf[kk][3];
+      } else {
+        a_frag(qa, sQ, LD, warp * 16, kk * 16, lane);
+      }
 #pragma unroll
       for (int np = 0; np < kTile / 16; ++np) {
         uint32_t b[4];
         b_frag_nk(b, sK, LD, np * 16, kk * 16, lane);
-        Mma<T>::run(s[2 * np], qf[kk], b[0], b[1]);
-        Mma<T>::run(s[2 * np + 1], qf[kk], b[2], b[3]);
+        Mma<T>::run(s[2 * np], qa, b[0], b[1]);
+        Mma<T>::run(s[2 * np + 1], qa, b[2], b[3]);
       }
     }
     __syncthreads();  // every warp is done with sK
-    if (e + 1 < end) load_rows_async<T, D, kTile, 128>(sK, LD, K, entries[2 * e + 2] * kTile, p.N, p.perm, tid);
+    if (e + 1 < end) load_rows_async<T, D, kTile, 128>(sK, LD, K, entries[2 * e + 2] * kTile, p.N, d, p.perm, tid);
     cp_async_commit();
 
     // Scale into log2 units and mask; then the online softmax of the two rows this thread holds.
@@ -132,6 +146,7 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const SparseAttentionParam
       acc_to_a<T>(a, s[2 * kk], s[2 * kk + 1]);
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
+        if (dp * 16 >= d16) continue;
         uint32_t b[4];
         b_frag_kn(b, sV, LD, dp * 16, kk * 16, lane);
         Mma<T>::run(o[2 * dp], a, b[0], b[1]);
@@ -139,7 +154,7 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const SparseAttentionParam
       }
     }
     __syncthreads();  // every warp is done with sV
-    if (e + 1 < end) load_rows_async<T, D, kTile, 128>(sV, LD, V, entries[2 * e + 2] * kTile, p.N, p.perm, tid);
+    if (e + 1 < end) load_rows_async<T, D, kTile, 128>(sV, LD, V, entries[2 * e + 2] * kTile, p.N, d, p.perm, tid);
     cp_async_commit();
     cp_async_wait<1>();  // K of entry e + 1 landed
     __syncthreads();
@@ -156,7 +171,8 @@ __global__ void __launch_bounds__(128) fwd_mma_kernel(const SparseAttentionParam
     const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(O + static_cast<int64_t>(row) * D + dt * 8 + 2 * t) =
+      if (dt * 8 >= d) continue;
+      *reinterpret_cast<uint32_t*>(O + static_cast<int64_t>(row) * d + dt * 8 + 2 * t) =
           Mma<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
     }
     if (t == 0) {
@@ -171,33 +187,36 @@ DF_DEVICE double exp2_(double x) { return exp2(x); }
 DF_DEVICE float log2_(float x) { return log2f(x); }
 DF_DEVICE double log2_(double x) { return log2(x); }
 
-// fp32 / fp64: 256 threads = 32 query rows x 8 threads; a thread holds D/8 of its row's q and o
-// (16-byte vectors interleaved so that the 8 threads of a row read one contiguous 128-byte span).
-// Each 64-key tile of the layout streams through shared memory in two 32-key chunks.
+// fp32 / fp64: 256 threads = kRows query rows x kTPR threads; a thread holds D/kTPR of its row's q
+// and o (16-byte vectors interleaved so that the threads of a row read one contiguous span). Each
+// 64-key tile of the layout streams through shared memory in kChunk-key chunks.
 template <typename T, int D>
 __global__ void __launch_bounds__(256, 1) fwd_simt_kernel(const SparseAttentionParams p) {
-  constexpr int kVec = 16 / sizeof(T), kNV = D / (8 * kVec), kChunk = 32;
+  using Shape = SimtShape<T, D>;
+  constexpr int kVec = Shape::kVec, kTPR = Shape::kTPR, kRows = Shape::kRows, kNV = Shape::kNV;
+  constexpr int kChunk = Shape::kChunk;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kChunk * D;
-  const int half = blockIdx.x & 1, rest = blockIdx.x >> 1;
+  const int part = blockIdx.x % Shape::kParts, rest = blockIdx.x / Shape::kParts;
   const int qt = p.n_tiles - 1 - rest % p.n_tiles, bh = rest / p.n_tiles;
-  const int tid = threadIdx.x, t8 = tid & 7;
-  const int i = qt * kTile + half * 32 + (tid >> 3);
+  const int tid = threadIdx.x, tr = tid % kTPR, d = p.d;
+  const int i = qt * kTile + part * kRows + tid / kTPR;
   const bool valid = i < p.N;
-  const int64_t base = static_cast<int64_t>(bh) * p.N * D;
+  const int64_t base = static_cast<int64_t>(bh) * p.N * d;
   const T* K = static_cast<const T*>(p.k) + base;
   const T* V = static_cast<const T*>(p.v) + base;
   const int row = valid ? p.perm.phys(i) : 0;
 
   T q[kNV * kVec], o[kNV * kVec];
   {
-    const T* Q = static_cast<const T*>(p.q) + base + static_cast<int64_t>(row) * D;
+    const T* Q = static_cast<const T*>(p.q) + base + static_cast<int64_t>(row) * d;
 #pragma unroll
     for (int vi = 0; vi < kNV; ++vi)
 #pragma unroll
       for (int c = 0; c < kVec; ++c) {
-        q[vi * kVec + c] = valid ? Q[vi * 8 * kVec + t8 * kVec + c] : T(0);
+        const int col = (vi * kTPR + tr) * kVec + c;
+        q[vi * kVec + c] = valid && col < d ? Q[col] : T(0);
         o[vi * kVec + c] = T(0);
       }
   }
@@ -207,13 +226,13 @@ __global__ void __launch_bounds__(256, 1) fwd_simt_kernel(const SparseAttentionP
   const int begin = p.layout[p.fwd_ptr + qt], end = p.layout[p.fwd_ptr + qt + 1];
   for (int e = begin; e < end; ++e) {
     const int kt = entries[2 * e], slot = entries[2 * e + 1];
-    const uint64_t w = slot >= 0 ? mask_word(p, slot, half * 32 + (tid >> 3)) : ~uint64_t{0};
+    const uint64_t w = slot >= 0 ? mask_word(p, slot, part * kRows + tid / kTPR) : ~uint64_t{0};
     for (int kc = 0; kc < kTile; kc += kChunk) {
       const int j0 = kt * kTile + kc;
       if (j0 >= p.N) break;  // uniform over the block
       __syncthreads();        // the previous chunk is consumed
-      load_rows_async<T, D, kChunk, 256>(sK, D, K, j0, p.N, p.perm, tid);
-      load_rows_async<T, D, kChunk, 256>(sV, D, V, j0, p.N, p.perm, tid);
+      load_rows_async<T, D, kChunk, 256>(sK, D, K, j0, p.N, d, p.perm, tid);
+      load_rows_async<T, D, kChunk, 256>(sV, D, V, j0, p.N, d, p.perm, tid);
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
@@ -222,13 +241,13 @@ __global__ void __launch_bounds__(256, 1) fwd_simt_kernel(const SparseAttentionP
         T mx = -INFINITY;
 #pragma unroll
         for (int jj = 0; jj < 16; ++jj) {
-          const T* kr = sK + (jb + jj) * D + t8 * kVec;
+          const T* kr = sK + (jb + jj) * D + tr * kVec;
           T dot = 0;
 #pragma unroll
           for (int vi = 0; vi < kNV; ++vi)
 #pragma unroll
-            for (int c = 0; c < kVec; ++c) dot += q[vi * kVec + c] * kr[vi * 8 * kVec + c];
-          s[jj] = group8_sum(dot) * sl2;
+            for (int c = 0; c < kVec; ++c) dot += q[vi * kVec + c] * kr[vi * kTPR * kVec + c];
+          s[jj] = group_sum<kTPR>(dot) * sl2;
           if (!((w >> (kc + jb + jj)) & 1)) s[jj] = -INFINITY;
           mx = s[jj] > mx ? s[jj] : mx;
         }
@@ -243,23 +262,26 @@ __global__ void __launch_bounds__(256, 1) fwd_simt_kernel(const SparseAttentionP
         for (int jj = 0; jj < 16; ++jj) {
           const T pj = exp2_(s[jj] - m_use);
           l += pj;
-          const T* vr = sV + (jb + jj) * D + t8 * kVec;
+          const T* vr = sV + (jb + jj) * D + tr * kVec;
 #pragma unroll
           for (int vi = 0; vi < kNV; ++vi)
 #pragma unroll
-            for (int c = 0; c < kVec; ++c) o[vi * kVec + c] += pj * vr[vi * 8 * kVec + c];
+            for (int c = 0; c < kVec; ++c) o[vi * kVec + c] += pj * vr[vi * kTPR * kVec + c];
         }
       }
     }
   }
   if (!valid) return;
-  T* O = static_cast<T*>(p.out) + base + static_cast<int64_t>(row) * D;
+  T* O = static_cast<T*>(p.out) + base + static_cast<int64_t>(row) * d;
   const T inv = l > T(0) ? T(1) / l : T(0);
 #pragma unroll
   for (int vi = 0; vi < kNV; ++vi)
 #pragma unroll
-    for (int c = 0; c < kVec; ++c) O[vi * 8 * kVec + t8 * kVec + c] = o[vi * kVec + c] * inv;
-  if (t8 == 0) {
+    for (int c = 0; c < kVec; ++c) {
+      const int col = (vi * kTPR + tr) * kVec + c;
+      if (col < d) O[col] = o[vi * kVec + c] * inv;
+    }
+  if (tr == 0) {
     static_cast<T*>(p.lse)[static_cast<int64_t>(bh) * p.N + row] =
         l > T(0) ? (m + log2_(l)) * static_cast<T>(0.6931471805599453) : static_cast<T>(-INFINITY);
   }
@@ -273,21 +295,22 @@ void sparse_attention_fwd_launch(const SparseAttentionParams& p, cudaStream_t st
     using T = typename DeviceScalar<scalar_t>::type;
     const auto kernel = fwd_mma_kernel<T, D>;
     const int smem = 3 * kTile * (D + 8) * static_cast<int>(sizeof(T));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    set_max_dynamic_smem(kernel, smem, "sparse_attention (forward)", D);
     kernel<<<p.bh * p.n_tiles, 128, smem, stream>>>(p);
   } else {
+    using Shape = SimtShape<scalar_t, D>;
     const auto kernel = fwd_simt_kernel<scalar_t, D>;
-    const int smem = 2 * 32 * D * static_cast<int>(sizeof(scalar_t));
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    kernel<<<p.bh * p.n_tiles * 2, 256, smem, stream>>>(p);
+    const int smem = 2 * Shape::kChunk * D * static_cast<int>(sizeof(scalar_t));
+    set_max_dynamic_smem(kernel, smem, "sparse_attention (forward)", D);
+    kernel<<<p.bh * p.n_tiles * Shape::kParts, 256, smem, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 #define DF_INSTANTIATE(T)                                                                    \
-  template void sparse_attention_fwd_launch<T, 32>(const SparseAttentionParams&, cudaStream_t); \
-  template void sparse_attention_fwd_launch<T, 64>(const SparseAttentionParams&, cudaStream_t); \
-  template void sparse_attention_fwd_launch<T, 128>(const SparseAttentionParams&, cudaStream_t);
+  template void sparse_attention_fwd_launch<T, 64>(const SparseAttentionParams&, cudaStream_t);  \
+  template void sparse_attention_fwd_launch<T, 128>(const SparseAttentionParams&, cudaStream_t); \
+  template void sparse_attention_fwd_launch<T, 256>(const SparseAttentionParams&, cudaStream_t);
 DF_INSTANTIATE(c10::Half)
 DF_INSTANTIATE(c10::BFloat16)
 DF_INSTANTIATE(float)

@@ -15,7 +15,7 @@ Behaviour worth knowing:
 - Gradients: d/dmu = -sign(logit(x') - mu) / b, d/dln b = 1 - |logit(x') - mu| / b, and to x through
   x' when x requires grad. sign is torch.sign's: 0 where logit(x') == mu exactly (the subgradient
   eager autograd of |.| gives too) and 0 for NaN, as in eager autograd of the formula.
-- x outside [0, 1], or NaN in x, raises a RuntimeError naming x (checked inside the forward kernel,
+- x outside [0, 1], or NaN in x, raises a ValueError naming x (checked inside the forward kernel,
   at no extra pass; on CUDA reading the flag synchronises). NaN or inf in stats is not an error: it
   propagates into the loss and the gradients as in the eager formula.
 - Empty inputs behave like torch: 'none' gives an empty tensor, 'sum' 0, 'mean' NaN (0 / 0).
@@ -30,20 +30,17 @@ from ..reference.logit_laplace import map_pixels, unmap_pixels  # noqa: F401  (p
 
 __all__ = ["logit_laplace_loss", "map_pixels", "unmap_pixels", "sample_inputs", "selftest"]
 
-_REDUCTIONS = ("none", "sum", "mean")
 
 
 def _check_args(x, stats, eps, reduction):
+    """Python types only: shapes, dtypes, eps's range and the reduction are the op's own boundary
+    (csrc/include/dalle_fast/logit_laplace_checks.h, ValueError/TypeError on every device)."""
     if not isinstance(x, torch.Tensor) or not isinstance(stats, torch.Tensor):
         raise TypeError(f"logit_laplace_loss: x and stats must be tensors, got {type(x).__name__} and "
                         f"{type(stats).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"logit_laplace_loss: x must be a floating tensor, got {x.dtype}")
-    if stats.dtype != x.dtype:
-        raise TypeError(f"logit_laplace_loss: stats must have x's dtype {x.dtype}, got {stats.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < float(eps) < 0.5:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise ValueError(f"logit_laplace_loss: eps must be a number in (0, 0.5), got {eps!r}")
-    if reduction not in _REDUCTIONS:
+    if not isinstance(reduction, str):
         raise ValueError(f"logit_laplace_loss: reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
 
 

@@ -4,15 +4,19 @@ Sequence = text_len text tokens, then an image_size x image_size grid in raster 
 (csrc/cpu/sparse_attention_cpu.cpp, csrc/cuda/sparse_attention_cuda.cu) visit only the key blocks
 each query block may attend; the dense reference is dalle_fast.reference.sparse_attention.
 """
-import math
-
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..reference import sparse_attention as _ref
 
 KINDS = _ref.KINDS
-CUDA_HEAD_DIMS = (32, 64, 128)
-MAX_CPU_HEAD_DIM = 512
+# What each device's kernels accept lives in one place, the C++ boundary
+# (csrc/include/dalle_fast/sparse_attention_checks.h); these mirror it for docs and tests, and a test
+# checks them against the boundary. CUDA: any head dim in [1, 256] (run in head-dim tiles of 64, 128
+# or 256, padded internally); float32, float64, float16, bfloat16 on both devices.
+MAX_HEAD_DIM = {"cpu": 512, "cuda": 256}
+CUDA_HEAD_DIM_TILES = (64, 128, 256)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def attention_mask(kind, text_len, image_size, conv_kernel=11, device=None):
@@ -49,54 +53,25 @@ def _check_mask_args(kind, text_len, image_size, conv_kernel, fn):
         raise ValueError(f"{fn}: conv_kernel must be odd and positive, got {conv_kernel}")
 
 
-def _check_head_dim(t, fn):
-    D = t.shape[-1]
-    if t.device.type == "cuda":
-        if D not in CUDA_HEAD_DIMS:
-            raise ValueError(f"{fn}: head dim D must be one of {CUDA_HEAD_DIMS} on CUDA, got {D}")
-    elif not 1 <= D <= MAX_CPU_HEAD_DIM:
-        raise ValueError(f"{fn}: head dim D must be in [1, {MAX_CPU_HEAD_DIM}] on the CPU, got {D}")
-
-
-def _check_tensors(fn, names, tensors):
-    for name, t in zip(names, tensors):
+def _check_python_args(fn, tensors, ints, kind):
+    """What the op cannot say clearly itself: Python types (the op's schema would reject them with a
+    generic message). Shapes, dtypes, ranges and the mask arguments are the op's own boundary."""
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{fn}: {name} must be a floating tensor, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D (B, heads, N, D), got shape {tuple(t.shape)}")
-    t0 = tensors[0]
-    for name, t in zip(names[1:], tensors[1:]):
-        if t.dtype != t0.dtype:
-            raise TypeError(f"{fn}: {name} has dtype {t.dtype}, {names[0]} has {t0.dtype}; they must match")
-        if t.device != t0.device:
-            raise ValueError(f"{fn}: {name} is on {t.device}, {names[0]} on {t0.device}; they must match")
-
-
-def _resolve_scale(scale, D, fn):
-    if scale is None:
-        return 1.0 / math.sqrt(D)
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"{fn}: scale must be finite, got {scale}")
-    return scale
+    for name, val in ints:
+        if not isinstance(val, int) or isinstance(val, bool):
+            raise TypeError(f"{fn}: {name} must be an int, got {type(val).__name__}")
+    if not isinstance(kind, str):
+        raise TypeError(f"{fn}: kind must be a str, got {type(kind).__name__}")
 
 
 def sparse_attention(q, k, v, kind, text_len, image_size, conv_kernel=11, scale=None):
     """softmax(q k^T * scale + mask) v over the allowed pairs only; q, k, v (B, heads, N, D) with
     N = text_len + image_size**2; differentiable in q, k, v. scale defaults to 1/sqrt(D)."""
-    fn = "sparse_attention"
-    _check_tensors(fn, ("q", "k", "v"), (q, k, v))
-    _check_mask_args(kind, text_len, image_size, conv_kernel, fn)
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"{fn}: q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    N = text_len + image_size * image_size
-    if q.shape[2] != N:
-        raise ValueError(f"{fn}: q.shape[2] = {q.shape[2]} must equal text_len + image_size**2 = {N}")
-    _check_head_dim(q, fn)
-    scale = _resolve_scale(scale, q.shape[-1], fn)
+    _check_python_args("sparse_attention", (("q", q), ("k", k), ("v", v)),
+                       (("text_len", text_len), ("image_size", image_size), ("conv_kernel", conv_kernel)), kind)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = torch.ops.dalle_fast.sparse_attention(q, k, v, kind, text_len, image_size, conv_kernel, scale)
     return out
 
@@ -106,40 +81,51 @@ def sparse_attention_decode(q, k_cache, v_cache, position, kind, text_len, image
     (B, heads, L, D), L > position, hold the keys/values of positions 0..position. Reads only the
     allowed keys. Returns (B, heads, 1, D). Not differentiable (inference)."""
     # A sampling step is tens of microseconds: the op checks shapes, dtypes and the mask arguments itself
-    # (ValueError/TypeError naming the argument); only what it cannot see is checked here.
+    # (ValueError/TypeError naming the argument, on every device); only Python types are checked here.
     if type(position) is not int:
         raise TypeError(f"sparse_attention_decode: position must be an int, got {type(position).__name__}")
     if type(kind) is not str:
         raise TypeError(f"sparse_attention_decode: kind must be a str, got {type(kind).__name__}")
-    if q.device.type != "cpu":  # the other backends get the full Python-side validation
-        _check_decode_args(q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.dalle_fast.sparse_attention_decode(q, k_cache, v_cache, position, kind, text_len, image_size,
                                                         conv_kernel, scale)
 
 
-def _check_decode_args(q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel):
-    fn = "sparse_attention_decode"
-    _check_tensors(fn, ("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
-    _check_mask_args(kind, text_len, image_size, conv_kernel, fn)
-    B, H, one, D = q.shape
-    if one != 1:
-        raise ValueError(f"{fn}: q must be (B, heads, 1, D), got {tuple(q.shape)}")
-    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (B, H) or k_cache.shape[3] != D:
-        raise ValueError(f"{fn}: caches must be (B, heads, L, D) = ({B}, {H}, L, {D}), got {tuple(k_cache.shape)} "
-                         f"and {tuple(v_cache.shape)}")
-    N = text_len + image_size * image_size
-    if not 0 <= position < N:
-        raise ValueError(f"{fn}: position must be in [0, {N}), got {position}")
-    if k_cache.shape[2] <= position:
-        raise ValueError(f"{fn}: the caches hold {k_cache.shape[2]} positions; position {position} is past their end")
-    _check_head_dim(q, fn)
+# ---------------------------------------------------------------- the shared boundary, from Python
+def check_arguments(device_type, q, k, v, kind, text_len, image_size, conv_kernel=11, scale=None):
+    """Raises what the `device_type` ("cpu" or "cuda") kernels of sparse_attention raise for these
+    arguments (their shapes and dtypes; tensors on any device, meta included), else returns None.
+    Lets a machine without a GPU ask whether the CUDA kernels would accept a configuration."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    torch.ops.dalle_fast._check_sparse_attention(q, k, v, kind, text_len, image_size, conv_kernel, scale, device_type)
+
+
+def check_decode_arguments(device_type, q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel=11,
+                           scale=None):
+    """As check_arguments, for sparse_attention_decode."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    torch.ops.dalle_fast._check_sparse_attention_decode(q, k_cache, v_cache, position, kind, text_len, image_size,
+                                                        conv_kernel, scale, device_type)
+
+
+def _boundary(check_op, args, device_type=None):
+    """Runs an op's C++ boundary (check_op, one of the _check_sparse_attention* ops, for device_type,
+    by default that of the first tensor) in a fake kernel, on meta copies of the tensor arguments:
+    under torch.compile or FakeTensorMode a call fails as the real kernel would, with the same
+    message. Symbolic shapes are left to the kernel at run time."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device_type = device_type or tensors[0].device.type
+    if device_type not in ("cpu", "cuda") or any(not isinstance(s, int) for t in tensors for s in t.shape):
+        return
+    with unset_fake_temporarily():
+        check_op(*(torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a
+                   for a in args), device_type)
 
 
 # ---------------------------------------------------------------- fake kernels (shapes for torch.compile)
 @torch.library.register_fake("dalle_fast::sparse_attention")
 def _(q, k, v, kind, text_len, image_size, conv_kernel, scale):
+    _boundary(torch.ops.dalle_fast._check_sparse_attention, (q, k, v, kind, text_len, image_size, conv_kernel, scale))
     torch._check(q.dim() == 4, lambda: "sparse_attention: q must be 4-D")
     torch._check(k.shape == q.shape and v.shape == q.shape, lambda: "sparse_attention: q, k, v shapes differ")
     torch._check(q.shape[2] == text_len + image_size * image_size,
@@ -150,6 +136,8 @@ def _(q, k, v, kind, text_len, image_size, conv_kernel, scale):
 
 @torch.library.register_fake("dalle_fast::_sparse_attention_backward")
 def _(grad_out, q, k, v, out, lse, kind, text_len, image_size, conv_kernel, scale):
+    _boundary(torch.ops.dalle_fast._check_sparse_attention_backward,
+              (grad_out, q, k, v, out, lse, kind, text_len, image_size, conv_kernel, scale))
     torch._check(grad_out.shape == q.shape and out.shape == q.shape,
                  lambda: "_sparse_attention_backward: grad_out/out shapes differ from q")
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -157,9 +145,30 @@ def _(grad_out, q, k, v, out, lse, kind, text_len, image_size, conv_kernel, scal
 
 @torch.library.register_fake("dalle_fast::sparse_attention_decode")
 def _(q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel, scale):
+    _boundary(torch.ops.dalle_fast._check_sparse_attention_decode,
+              (q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel, scale))
     torch._check(q.dim() == 4 and q.shape[2] == 1, lambda: "sparse_attention_decode: q must be (B, heads, 1, D)")
     torch._check(k_cache.shape == v_cache.shape, lambda: "sparse_attention_decode: cache shapes differ")
     return q.new_empty(q.shape)
+
+
+# The check ops' fake kernels run the check itself (on meta copies) and return nothing.
+@torch.library.register_fake("dalle_fast::_check_sparse_attention")
+def _(q, k, v, kind, text_len, image_size, conv_kernel, scale, device_type):
+    _boundary(torch.ops.dalle_fast._check_sparse_attention,
+              (q, k, v, kind, text_len, image_size, conv_kernel, scale), device_type)
+
+
+@torch.library.register_fake("dalle_fast::_check_sparse_attention_backward")
+def _(grad_out, q, k, v, out, lse, kind, text_len, image_size, conv_kernel, scale, device_type):
+    _boundary(torch.ops.dalle_fast._check_sparse_attention_backward,
+              (grad_out, q, k, v, out, lse, kind, text_len, image_size, conv_kernel, scale), device_type)
+
+
+@torch.library.register_fake("dalle_fast::_check_sparse_attention_decode")
+def _(q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel, scale, device_type):
+    _boundary(torch.ops.dalle_fast._check_sparse_attention_decode,
+              (q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel, scale), device_type)
 
 
 # ---------------------------------------------------------------- autograd
@@ -208,15 +217,31 @@ def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False, seed=0
         yield (q, k, v, kind, T, S), {"conv_kernel": ck}
 
 
+# The selftest's CUDA rows cover every head-dim tile of the CUDA kernels, at and below its size.
+SELFTEST_HEAD_DIMS = (16, 40, 48, 80, 96, 128, 160, 256)
+
+
+def selftest_cases(device, dtype, head_dim_sweep=None):
+    """The (args, kwargs) the selftest runs: the first four sample_inputs, plus (on CUDA, or when
+    head_dim_sweep) one conv case per SELFTEST_HEAD_DIMS entry. tests/test_gpu_cases.py checks these
+    against the CUDA boundary on the CPU (device "meta")."""
+    cases = [c for n, c in zip(range(4), sample_inputs(device, dtype, requires_grad=True))]
+    if head_dim_sweep if head_dim_sweep is not None else torch.device(device).type == "cuda":
+        g = torch.Generator().manual_seed(1)
+        for D in SELFTEST_HEAD_DIMS:
+            q, k, v = (torch.randn(1, 2, 3 + 5 * 5, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
+                       for _ in range(3))
+            cases.append(((q, k, v, "conv", 3, 5), {"conv_kernel": 3}))
+    return cases
+
+
 def selftest(device):
     """Rows (op, case, dtype, max_err, tol): forward and gradients against the float64 reference, the
     bar being twice PyTorch's own error doing the same math in that dtype."""
     from ..testing import low_precision_tolerance, max_abs_err
     rows = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for n, ((q, k, v, kind, T, S), kw) in enumerate(sample_inputs(device, dtype, requires_grad=True)):
-            if n >= 4:
-                break
+        for (q, k, v, kind, T, S), kw in selftest_cases(device, dtype):
             case = f"{kind} T={T} S={S} D={q.shape[-1]}"
             x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
             xdt = [t.detach().clone().requires_grad_() for t in (q, k, v)]

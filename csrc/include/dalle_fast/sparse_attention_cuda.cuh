@@ -4,6 +4,8 @@
 // lane = 4 * g + t (g = lane / 4, t = lane % 4); an accumulator tile 16x8 holds c0,c1 at row g,
 // columns 2t, 2t+1 and c2,c3 at row g + 8.
 #pragma once
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -15,7 +17,10 @@
 namespace dalle_fast {
 
 struct SparseAttentionParams {
-  // (B*heads, N, D) contiguous, 16-byte aligned; element type chosen by the launcher.
+  // (B*heads, N, d) contiguous, 16-byte aligned; element type chosen by the launcher. The kernels
+  // are compiled for a few head-dim tiles (kSparseAttentionHeadDimTiles); d, a multiple of 8, is the
+  // real head dim (the row stride): columns d..tile-1 are zero-filled in shared memory, never read
+  // from or written to global memory, and skipped by the tensor-core loops in 16-column steps.
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -35,13 +40,14 @@ struct SparseAttentionParams {
   int n_tiles = 0;
   int bh = 0;  // B * heads
   int N = 0;
+  int d = 0;  // head dim, <= the kernel's tile, a multiple of 8
   MaskSpec spec{};
   SeqPerm perm{};
   double scale = 1.0;
 };
 
-// Launchers, one explicit instantiation per (scalar type, head dim); scalar_t is c10::Half,
-// c10::BFloat16, float or double. Defined in csrc/cuda/sparse_attention_{fwd,bwd}_cuda.cu.
+// Launchers, one explicit instantiation per (scalar type, head-dim tile D); scalar_t is c10::Half,
+// c10::BFloat16, float or double; p.d <= D. Defined in csrc/cuda/sparse_attention_{fwd,bwd}_cuda.cu.
 template <typename scalar_t, int D>
 void sparse_attention_fwd_launch(const SparseAttentionParams& p, cudaStream_t stream);
 template <typename scalar_t, int D>
@@ -49,6 +55,35 @@ void sparse_attention_bwd_launch(const SparseAttentionParams& p, cudaStream_t st
 
 // c10::Half / c10::BFloat16 -> __half / __nv_bfloat16 (bit-identical); the launchers specialise it.
 template <typename scalar_t> struct DeviceScalar { using type = scalar_t; };
+
+// Thread layout of the fp32/fp64 (SIMT) kernels for head-dim tile D: kTPR threads per row, each
+// holding kNV 16-byte vectors of the row (kVec elements each); kRows rows per 256-thread block,
+// kParts blocks per 64-row tile; keys (or queries) stream through shared memory kChunk at a time.
+// A thread holds at most 64 bytes of each row (more threads per row for wider rows: without that,
+// fp64 at D = 128 spills), and the chunk halves for rows over 1 KiB so that shared memory stays
+// within 64 KiB.
+template <typename T, int D> struct SimtShape {
+  static constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+  static constexpr int kRowBytes = D * static_cast<int>(sizeof(T));
+  static constexpr int kTPR = kRowBytes <= 512 ? 8 : kRowBytes <= 1024 ? 16 : 32;
+  static constexpr int kRows = 256 / kTPR;
+  static constexpr int kParts = 64 / kRows;
+  static constexpr int kNV = D / (kTPR * kVec);
+  static constexpr int kChunk = kRowBytes <= 1024 ? 32 : 16;
+  static_assert(kNV >= 1 && D % (kTPR * kVec) == 0, "head-dim tile too small for the SIMT layout");
+};
+
+// Raises the kernel's dynamic shared memory limit to `bytes`, with a clear error on a GPU that has
+// less per block (the 256 tile's backward needs ~133 KiB: A100/H100-class, not sm_86/sm_89).
+template <typename Kernel>
+void set_max_dynamic_smem(Kernel kernel, int bytes, const char* what, int tile) {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= optin, what, ": head dims in the ", tile, " tile need ", bytes,
+              " bytes of shared memory per block; this GPU allows ", optin);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -160,17 +195,19 @@ DF_DEVICE void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1
   a[3] = Mma<T>::pack(c1[2], c1[3]);
 }
 
-// Copies rows [row0, row0 + ROWS) (logical positions) of a (N, D) matrix into shared memory with
-// row stride ld; rows at or past N are zero-filled. NTHREADS threads cooperate.
+// Copies rows [row0, row0 + ROWS) (logical positions) of a (N, d) matrix into shared memory rows
+// of D columns with row stride ld; rows at or past N and columns d..D-1 are zero-filled (so the
+// padded columns add exact zeros to every product). NTHREADS threads cooperate; d * sizeof(T) is a
+// multiple of 16 (the host pads other head dims).
 template <typename T, int D, int ROWS, int NTHREADS>
-DF_DEVICE void load_rows_async(T* s, int ld, const T* g, int row0, int N, const SeqPerm& perm, int tid) {
+DF_DEVICE void load_rows_async(T* s, int ld, const T* g, int row0, int N, int d, const SeqPerm& perm, int tid) {
   constexpr int kPerChunk = 16 / sizeof(T);
   constexpr int kChunksPerRow = D / kPerChunk;
   static_assert(D % kPerChunk == 0, "rows must be whole 16-byte chunks");
   for (int c = tid; c < ROWS * kChunksPerRow; c += NTHREADS) {
     const int r = c / kChunksPerRow, cc = c - r * kChunksPerRow, l = row0 + r;
-    const bool ok = l < N;
-    const T* src = g + static_cast<int64_t>(ok ? perm.phys(l) : 0) * D + cc * kPerChunk;
+    const bool ok = l < N && cc * kPerChunk < d;
+    const T* src = g + static_cast<int64_t>(ok ? perm.phys(l) : 0) * d + (ok ? cc * kPerChunk : 0);
     cp_async16(s + r * ld + cc * kPerChunk, src, ok);
   }
 }
@@ -184,10 +221,11 @@ DF_DEVICE float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
-template <typename A> DF_DEVICE A group8_sum(A x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  x += __shfl_xor_sync(0xffffffffu, x, 2);
-  return x + __shfl_xor_sync(0xffffffffu, x, 4);
+// Sum over groups of G adjacent lanes (G a power of two <= 32).
+template <int G, typename A> DF_DEVICE A group_sum(A x) {
+#pragma unroll
+  for (int off = 1; off < G; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
 }
 
 // The 64-bit mask word of row r of a partial tile (rows are queries; words 64.. are key-major).

@@ -18,6 +18,21 @@ namespace dalle_fast {
 
 constexpr int kSparseAttentionTile = 64;
 
+// The CUDA kernels are compiled for these head-dim tiles only; a head dim d runs in the smallest
+// tile >= d with the columns past d zero-padded in shared memory (exact: zeros add nothing to
+// q.k and give zero output columns, which are not stored). A head dim that is not a multiple of 8
+// is first padded to one on the host (a copy). Few tiles keep the CUDA build time flat.
+constexpr int kSparseAttentionHeadDimTiles[] = {64, 128, 256};
+constexpr int kSparseAttentionMaxCudaHeadDim = 256;
+constexpr int kSparseAttentionCudaHeadDimAlign = 8;  // 16-byte rows for fp16/bf16 (cp.async)
+
+// The tile the CUDA kernels run head dim d in (0 when d is out of range).
+inline int sparse_attention_head_dim_tile(int d) {
+  for (int t : kSparseAttentionHeadDimTiles)
+    if (d >= 1 && d <= t) return t;
+  return 0;
+}
+
 // Logical position <-> physical row. Text positions are unchanged; with `transposed` the image
 // grid is visited column by column.
 struct SeqPerm {
