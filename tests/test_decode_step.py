@@ -244,23 +244,33 @@ def _corrupt(m, a, what):
     return a
 
 
-BAD = {"negative text_len": "text_len must be >= 0", "index past the image": "index must be in",
-       "negative index": "index must be in", "bad kind in the last layer": "kind must be one of 'full', 'row', 'column', 'conv', got 'diagonal'",
-       "one kind too many": "parameters for 5 layers", "a parameter missing": "parameters for 4 layers",
-       "fc2 bias of the wrong size": r"params\[\d+\] \(layers.3.mlp.fc2.bias\) must have shape \[32\]",
-       "norm in another dtype": r"layers.3.mlp.norm.weight\) must be Float",
-       "fc2 in another dtype than fc1": r"layers.3.mlp.fc2.weight\) must be Float",
-       "qkv of the wrong width": r"layers.3.attn.attn.to_qkv.weight\) must have shape",
-       "integer parameter": r"layers.3.attn.attn.to_out.bias\) must be floating",
-       "head bias of the wrong size": r"to_image_logits.bias\) must have shape",
-       "parameter on another device": r"layers.3.mlp.fc1.bias\) is on meta",
-       "short cache in the last layer": "layer 3's caches must be", "k and v caches of different dtypes":
-       "layer 3's caches must share one floating dtype", "cache with the wrong heads": "layer 3's caches must be",
-       "integer caches": "layer 3's caches must share one floating dtype",
-       "token past the vocabulary": r"tokens must be in \[0, 32\)", "negative token": r"tokens must be in \[0, 32\)",
-       "2-D tokens": r"tokens must be \(B,\)", "heads of 0": "heads must be >= 1",
-       "image_size of another model": r"image_row.weight\) must have shape", "even conv kernel": "conv_kernel must be odd",
-       "NaN scale": "scale must be finite", "negative eps": "eps must be finite and >= 0"}
+BAD = {  # what is wrong -> what the error says
+    "negative text_len": "text_len must be >= 0",
+    "index past the image": "index must be in",
+    "negative index": "index must be in",
+    "bad kind in the last layer": "kind must be one of 'full', 'row', 'column', 'conv', got 'diagonal'",
+    "one kind too many": "parameters for 5 layers",
+    "a parameter missing": "parameters for 4 layers",
+    "fc2 bias of the wrong size": r"params\[\d+\] \(layers.3.mlp.fc2.bias\) must have shape \[32\]",
+    "norm in another dtype": r"layers.3.mlp.norm.weight\) must be Float",
+    "fc2 in another dtype than fc1": r"layers.3.mlp.fc2.weight\) must be Float",
+    "qkv of the wrong width": r"layers.3.attn.attn.to_qkv.weight\) must have shape",
+    "integer parameter": r"layers.3.attn.attn.to_out.bias\) must be floating",
+    "head bias of the wrong size": r"to_image_logits.bias\) must have shape",
+    "parameter on another device": r"layers.3.mlp.fc1.bias\) is on meta",
+    "short cache in the last layer": "layer 3's caches must be",
+    "k and v caches of different dtypes": "layer 3's caches must share one floating dtype",
+    "cache with the wrong heads": "layer 3's caches must be",
+    "integer caches": "layer 3's caches must share one floating dtype",
+    "token past the vocabulary": r"tokens must be in \[0, 32\)",
+    "negative token": r"tokens must be in \[0, 32\)",
+    "2-D tokens": r"tokens must be \(B,\)",
+    "heads of 0": "heads must be >= 1",
+    "image_size of another model": r"image_row.weight\) must have shape",
+    "even conv kernel": "conv_kernel must be odd",
+    "NaN scale": "scale must be finite",
+    "negative eps": "eps must be finite and >= 0",
+}
 
 
 @pytest.mark.parametrize("what", sorted(BAD))
