@@ -354,9 +354,10 @@ def test_property_valid_output_or_clear_error(shape, dim, tau, dtype, hard):
     x = (torch.randn(shape) * 3).to(dtype)
     nd = max(len(shape), 1)
     # the first bad argument, in the order the wrapper checks them, decides the exception and its words
-    error = ((TypeError, "logits must be float32") if dtype in (torch.int64, torch.bool) else
-             (IndexError, f"dim {dim} is out of range for a tensor of {len(shape)} dimensions") if not -nd <= dim < nd
-             else (ValueError, "tau must be a finite number > 0") if not tau > 0 else None)
+    error = ((IndexError, f"dim {dim} is out of range for a tensor of {len(shape)} dimensions") if not -nd <= dim < nd
+             else (TypeError, "logits must be float32, float64, float16 or bfloat16")
+             if dtype in (torch.int64, torch.bool) else
+             (ValueError, "tau must be a finite number > 0") if not tau > 0 else None)
     call = lambda: dalle_fast.gumbel_softmax(x, tau=tau, hard=hard, dim=dim,  # noqa: E731
                                              generator=torch.Generator().manual_seed(0))
     if error is not None:
