@@ -110,15 +110,20 @@ def check_decode_arguments(device_type, q, k_cache, v_cache, position, kind, tex
 
 def _boundary(check_op, args, device_type=None):
     """Runs an op's C++ boundary (check_op, one of the _check_sparse_attention* ops, for device_type,
-    by default that of the first tensor) in a fake kernel, on meta copies of the tensor arguments:
+    by default that of the first tensor) in a fake kernel, on stand-ins of the tensor arguments:
     under torch.compile or FakeTensorMode a call fails as the real kernel would, with the same
     message. Symbolic shapes are left to the kernel at run time."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    device_type = device_type or tensors[0].device.type
-    if device_type not in ("cpu", "cuda") or any(not isinstance(s, int) for t in tensors for s in t.shape):
+    if device_type is None:  # an op's fake kernel: the boundary of the tensors' device
+        device_type = tensors[0].device.type
+        if device_type not in ("cpu", "cuda"):
+            return
+    if any(not isinstance(s, int) for t in tensors for s in t.shape):
         return
+    # Zero-stride CPU stand-ins with the arguments' sizes and dtypes: the check reads nothing else, and
+    # meta tensors would come back to the fake kernels (register_fake serves the Meta key too).
     with unset_fake_temporarily():
-        check_op(*(torch.empty(a.shape, dtype=a.dtype, device="meta") if isinstance(a, torch.Tensor) else a
+        check_op(*(torch.empty((), dtype=a.dtype).expand(a.shape) if isinstance(a, torch.Tensor) else a
                    for a in args), device_type)
 
 
@@ -152,7 +157,7 @@ def _(q, k_cache, v_cache, position, kind, text_len, image_size, conv_kernel, sc
     return q.new_empty(q.shape)
 
 
-# The check ops' fake kernels run the check itself (on meta copies) and return nothing.
+# The check ops' fake (and meta) kernels run the check itself on stand-ins and return nothing.
 @torch.library.register_fake("dalle_fast::_check_sparse_attention")
 def _(q, k, v, kind, text_len, image_size, conv_kernel, scale, device_type):
     _boundary(torch.ops.dalle_fast._check_sparse_attention,
