@@ -83,8 +83,24 @@ nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-Xptxas", "-v", "--expt-r
               "-lineinfo", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
               "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__"]
 ext_kwargs = dict(extra_link_args=["-fopenmp"], py_limited_api=False)
+def cuda_toolkit_version(home):
+    """'13.0' from `nvcc --version` ('release 13.0, V13.0.88'), or 'unknown'."""
+    import re
+    import subprocess
+    try:
+        out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else "unknown"
+
+
 if with_cuda:
     include_dirs += nvidia_pip_includes()
+    # what `python -m dalle_fast.selftest --device cuda` reports: the toolkit and the archs built for
+    cxx_flags.append(f'-DDALLE_FAST_CUDA_BUILD="{cuda_toolkit_version(cuda_home)}|'
+                     f'{os.environ["TORCH_CUDA_ARCH_LIST"]}"')
     ext = CUDAExtension("dalle_fast._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
                         define_macros=[("WITH_CUDA", None)],
                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, **ext_kwargs)

@@ -31,7 +31,7 @@ from benchmarks.common import Recorder, matmul_peak_gflops, measure, wants_csv  
 from dalle_fast.nn.attention import dense_sparse_attention, flex_sparse_attention  # noqa: E402
 from dalle_fast.reference import sparse_attention as ref  # noqa: E402
 
-KINDS = ("row", "column", "conv", "full")
+KINDS = dalle_fast.ops.sparse_attention.KINDS  # the one definition
 
 
 def check_correctness(kind, T, S, D, dtype):

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import Recorder, matmul_peak_gflops, measure  # noqa: E402
-
-KINDS = ("row", "column", "conv", "full")
+from dalle_fast.ops.sparse_attention import KINDS  # noqa: E402  (the one definition)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 

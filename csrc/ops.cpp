@@ -23,10 +23,21 @@ std::string build_info() {
   return "cpu";
 #endif
 }
+// "<toolkit>|<TORCH_CUDA_ARCH_LIST>" the CUDA kernels were built with (setup.py), "" without them.
+std::string cuda_build_info() {
+#if defined(WITH_CUDA) && defined(DALLE_FAST_CUDA_BUILD)
+  return DALLE_FAST_CUDA_BUILD;
+#elif defined(WITH_CUDA)
+  return "unknown|unknown";
+#else
+  return "";
+#endif
+}
 }  // namespace dalle_fast
 
 TORCH_LIBRARY(dalle_fast, m) {
   m.def("_build_info() -> str", &dalle_fast::build_info);
+  m.def("_cuda_build_info() -> str", &dalle_fast::cuda_build_info);
 
   // ---- gumbel_softmax (begin) ----
   // seed: one-element int64 tensor on logits' device, read by the kernel (no host sync on CUDA);
@@ -93,13 +104,14 @@ TORCH_LIBRARY(dalle_fast, m) {
 
   // ---- transformer_decode_step (begin) ----
   // One cached sampling step of DALLE (csrc/decode_step.cpp): tokens (B,) are image token `index`;
-  // params = image_emb, image_row, image_col weights, then per layer (11): attention norm weight, bias,
-  // to_qkv weight, to_out weight, bias, MLP norm weight, bias, fc1 weight, bias, fc2 weight, bias, then
-  // final_norm weight, bias, to_image_logits weight, bias. Writes each layer's k/v at text_len + index
-  // into its caches (B, heads, L, dim_head); returns the fp32 image logits (B, image vocab) of token index + 1.
+  // params in the order _transformer_decode_step_param_names(depth) returns (DALLE's state_dict keys,
+  // stated once in include/dalle_fast/decode_step_params.h). Checks every argument, then writes each
+  // layer's k/v at text_len + index into its caches (B, heads, L, dim_head); returns the fp32 image
+  // logits (B, image vocab) of token index + 1.
   m.def("transformer_decode_step(Tensor tokens, int index, Tensor[] params, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, str[] kinds, int text_len, int image_size, int conv_kernel, int heads, "
         "float eps, float scale) -> Tensor");
+  m.def("_transformer_decode_step_param_names(int depth) -> str[]");
   // ---- transformer_decode_step (end) ----
 
   // ---- householder_qr (begin) ----

@@ -22,7 +22,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     p = sub.add_parser("selftest", help="check every built backend on every present device against the reference")
-    p.set_defaults(func=lambda args: __import__("dalle_fast.selftest", fromlist=["run"]).run())
+    selftest = importlib.import_module("dalle_fast.selftest")
+    selftest.add_arguments(p)
+    p.set_defaults(func=lambda args: selftest.run(args.device))
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser

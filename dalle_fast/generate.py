@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .checks import check_values
 
 @dataclasses.dataclass
 class Generation:
@@ -63,11 +64,8 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     logits = _filter_logits(logits.float() / temperature, top_k, top_p)
     cdf = logits.softmax(-1).double().cumsum_(-1)  # fp64 running sum: exact zeros stay flat
     total = cdf[:, -1:]
-    if cdf.device.type == "cpu":
-        if not bool((total > 0).all()):  # NaN logits (or none finite) leave no mass to sample from
-            raise ValueError("sample_logits: the logits hold NaN or no finite value; cannot sample")
-    else:
-        torch._assert_async((total > 0).all(), "sample_logits: the logits hold NaN or no finite value")
+    # NaN logits (or none finite) leave no mass to sample from
+    check_values((total > 0).all(), "sample_logits: the logits hold NaN or no finite value; cannot sample")
     u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device).mul_(total)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
     # the first index whose running sum exceeds u: a zero-probability token never does before its predecessor

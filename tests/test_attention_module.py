@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from dalle_fast.nn import KVCache, SparseSelfAttention
+from dalle_fast.nn import BACKEND_ENV, KVCache, SparseSelfAttention, resolve_backend
+from dalle_fast.ops.sparse_attention import KINDS
 from dalle_fast.testing import devices, max_abs_err
 
-KINDS = ("row", "column", "conv", "full")
 T, S, DIM, HEADS, DH = 5, 4, 48, 2, 16
 N = T + S * S
 
@@ -153,3 +153,45 @@ def test_dropout_only_in_training():
     mod.train()
     with torch.no_grad():
         assert not torch.equal(mod(x), mod(x))
+
+
+def test_attention_backend_environment_switch(monkeypatch):
+    """DALLE_FAST_ATTENTION_BACKEND replaces the fused backend (by default or from a saved config) at
+    construction; explicit flex/dense stay; a bad value is a clear error."""
+    import dalle_fast.nn.attention as attention_mod
+    from dalle_fast.models.dalle import DALLE, DALLEConfig
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    assert make("row").backend == "fused" and resolve_backend("dense") == "dense"
+    fused = DALLE(DALLEConfig.tiny(depth=2)).eval()
+    assert fused.attention_backend() == "fused" and fused._can_fuse_step() is False  # grads on
+    monkeypatch.setenv(BACKEND_ENV, "dense")
+    assert make("row").backend == "dense" and make("row", backend="flex").backend == "flex"
+    m = DALLE(DALLEConfig.tiny(depth=2)).eval()  # the config says fused, as the bundled model's does
+    m.load_state_dict(fused.state_dict())
+    assert m.config.backend == "fused" and m.attention_backend() == "dense"
+    assert all(layer.attn.attn.backend == "dense" for layer in m.layers)
+
+    def no_kernel(*a, **k):
+        raise AssertionError("the fused kernel ran although the environment routed attention elsewhere")
+
+    monkeypatch.setattr(attention_mod, "sparse_attention", no_kernel)
+    monkeypatch.setattr(attention_mod, "sparse_attention_decode", no_kernel)
+    cfg = m.config
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, cfg.num_text_tokens, (2, cfg.text_len), generator=g)
+    image = torch.randint(0, cfg.num_image_tokens, (2, cfg.image_len), generator=g)
+    with torch.no_grad():
+        got = m(text, image)[1]
+        caches = m.new_kv_caches(2)
+        step = [m.prefill(text, caches), m.decode_step(image[:, 0], 0, caches)]  # not the fused one-op step
+        monkeypatch.undo()
+        want = fused(text, image)[1]
+    assert max_abs_err(got, want) < 1e-5 and max_abs_err(torch.stack(step, 1), want[:, :2]) < 1e-5
+    for value in ("flex", "fused", ""):
+        monkeypatch.setenv(BACKEND_ENV, value)
+        assert make("conv").backend == (value or "fused")
+    monkeypatch.setenv(BACKEND_ENV, "triton")
+    with pytest.raises(ValueError, match="DALLE_FAST_ATTENTION_BACKEND must be one of fused, flex, dense"):
+        make("row")
+    with pytest.raises(ValueError, match="DALLE_FAST_ATTENTION_BACKEND"):
+        DALLE(DALLEConfig.tiny(depth=1))

@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import dalle_fast  # noqa: F401  (loads the ops)
+import dalle_fast
 from dalle_fast.ops import sparse_attention as sa
 
-KINDS = ("row", "column", "conv", "full")
+KINDS = dalle_fast.ops.sparse_attention.KINDS  # the one definition
 DEVICE_TYPES = ("cpu", "cuda")
 CHECK = torch.ops.dalle_fast._check_sparse_attention
 CHECK_BWD = torch.ops.dalle_fast._check_sparse_attention_backward

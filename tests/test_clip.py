@@ -123,4 +123,15 @@ def test_train_clip_learns(tok_file, tmp_path, hard_negatives):
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-2:]) / 2
     assert last < first - 0.2, (first, last)
     r = CLIPReranker.from_pretrained(out)
-    assert r.score(torch.rand(2, 3, 64, 64), ["a large red circle"] * 2).shape == (2,)
+    # the saved reranker learned something about the pictures: on fresh Shapes images, each image scores
+    # its own caption above the others' captions more often than chance (a reranker that ignores the
+    # image, loads the wrong weights or mixes up the towers scores at chance)
+    ds = Shapes(32, seed=123, split="train")
+    images = torch.stack([ds[i][0] for i in range(32)])
+    caps = [ds[i][1] for i in range(32)]
+    with torch.no_grad():
+        sims = torch.stack([r.score(images, [c] * 32) for c in caps], 1)  # sims[i, j]: image i, caption j
+    assert sims.shape == (32, 32)
+    own = sims.diagonal()
+    wins = (own[:, None] > sims).float().sum() / (32 * 31)
+    assert wins > 0.6, float(wins)

@@ -197,9 +197,27 @@ def test_vae_must_match():
     assert m.vae is vae and not any(k.startswith("vae") for k in m.state_dict())
 
 
-def test_kinds_constant():
-    assert set(KINDS) == {"row", "column", "conv", "full"}
-    assert math.isclose(DALLEConfig().text_loss_weight, 1 / 8)
+def test_kinds_are_the_ops_and_each_is_its_own_mask():
+    """The config takes its kinds from the op's one definition, and each kind reaches the layer as a
+    different mask: one model's weights under each kind give pairwise different image logits (kinds
+    mapped to one mask, or a layer ignoring its kind, fail). The loss weights: test_loss_weights_*."""
+    from dalle_fast.ops.sparse_attention import KINDS as OP_KINDS
+    assert KINDS is OP_KINDS and set(KINDS) == {"row", "column", "conv", "full"}
+    with pytest.raises(ValueError, match="attention_kinds"):
+        DALLEConfig.tiny(depth=1, attention_kinds=["diagonal"])
+    base = tiny(depth=1, attention_kinds=["full"])
+    text, image = rand_inputs(base.config)
+    logits = {}
+    for kind in KINDS:
+        m = tiny(depth=1, attention_kinds=[kind])
+        m.load_state_dict(base.state_dict())
+        assert m.layers[0].attn.kind == kind
+        with torch.no_grad():
+            logits[kind] = m(text, image)[1]
+    for a in KINDS:
+        for b in KINDS:
+            if a < b:
+                assert not torch.allclose(logits[a], logits[b], atol=1e-6), (a, b)
 
 
 def _train_args(tmp_path, **kw):

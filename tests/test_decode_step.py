@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 from dalle_fast.generate import sample_tokens
 from dalle_fast.models.dalle import DALLE, DALLEConfig, DecodeCaches
-from dalle_fast.ops.decode_step import transformer_decode_step
+from dalle_fast.ops.decode_step import param_names, transformer_decode_step
 from dalle_fast.testing import cuda_available, low_precision_tolerance, max_abs_err
 
 
@@ -154,7 +154,7 @@ def test_bad_input_names_the_problem():
             transformer_decode_step(*([a[0], m.config.image_len] + a[2:]))
         with pytest.raises(TypeError, match="integer ids"):
             transformer_decode_step(*([a[0].float()] + a[1:]))
-        with pytest.raises(ValueError, match="cache must be"):
+        with pytest.raises(ValueError, match="caches must be"):
             transformer_decode_step(*(a[:3] + [[k[:1] for k in a[3]], a[4]] + a[5:]))
         with pytest.raises(ValueError, match="kind must be"):
             transformer_decode_step(*(a[:5] + [["row", "diagonal"]] + a[6:]))
@@ -164,16 +164,144 @@ def test_bad_input_names_the_problem():
         transformer_decode_step(*_op_args(m))
 
 
+def test_param_names_are_the_models_state_dict_keys_in_the_ops_order():
+    m = model(depth=3)
+    names = param_names(3)
+    assert len(names) == 3 + 11 * 3 + 4 and len(set(names)) == len(names)
+    assert names[:3] == ("image_emb.weight", "image_row.weight", "image_col.weight")
+    assert names[3] == "layers.0.attn.norm.weight" and names[-1] == "to_image_logits.bias"
+    sd = dict(m.named_parameters())
+    assert all(p is sd[n] for n, p in zip(names, m.decode_params()))
+    # the per-layer block repeats with the layer index and nothing else
+    assert [n.replace("layers.0.", "") for n in names[3:14]] == [n.replace("layers.2.", "") for n in names[25:36]]
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        torch.ops.dalle_fast._transformer_decode_step_param_names(0)
+
+
+def _corrupt(m, a, what):
+    """The op's arguments `a` with one thing wrong, in the LAST layer where it is per layer: every layer
+    before it would have been written if the op checked as it went."""
+    a = list(a)
+    p, last = list(a[2]), len(m.layers) - 1
+    a[2] = p
+    at = {n: i for i, n in enumerate(param_names(len(m.layers)))}
+    lp = lambda field: at[f"layers.{last}.{field}"]  # noqa: E731
+    if what == "negative text_len":  # position = text_len + index < 0 would count from the cache's end
+        a[6] = -a[6] - 1
+    elif what == "index past the image":
+        a[1] = m.config.image_len
+    elif what == "negative index":
+        a[1] = -1
+    elif what == "bad kind in the last layer":
+        a[5] = a[5][:-1] + ["diagonal"]
+    elif what == "one kind too many":
+        a[5] = a[5] + ["row"]
+    elif what == "a parameter missing":
+        a[2] = p[:-1]
+    elif what == "fc2 bias of the wrong size":
+        p[lp("mlp.fc2.bias")] = p[lp("mlp.fc2.bias")][:-1]
+    elif what == "norm in another dtype":
+        p[lp("mlp.norm.weight")] = p[lp("mlp.norm.weight")].double()
+    elif what == "fc2 in another dtype than fc1":
+        p[lp("mlp.fc2.weight")] = p[lp("mlp.fc2.weight")].double()
+    elif what == "qkv of the wrong width":
+        p[lp("attn.attn.to_qkv.weight")] = p[lp("attn.attn.to_qkv.weight")][:-3]
+    elif what == "integer parameter":
+        p[lp("attn.attn.to_out.bias")] = p[lp("attn.attn.to_out.bias")].long()
+    elif what == "head bias of the wrong size":
+        p[-1] = p[-1][:-1]
+    elif what == "parameter on another device":
+        p[lp("mlp.fc1.bias")] = p[lp("mlp.fc1.bias")].to("meta")
+    elif what == "short cache in the last layer":
+        a[3] = a[3][:-1] + [a[3][-1][:, :, :m.config.text_len]]
+    elif what == "k and v caches of different dtypes":
+        a[4] = a[4][:-1] + [a[4][-1].double()]
+    elif what == "cache with the wrong heads":
+        a[3] = a[3][:-1] + [a[3][-1][:, :1]]
+    elif what == "integer caches":
+        a[3] = a[3][:-1] + [a[3][-1].long()]
+        a[4] = a[4][:-1] + [a[4][-1].long()]
+    elif what == "token past the vocabulary":
+        a[0] = a[0].clone()
+        a[0][-1] = m.config.num_image_tokens
+    elif what == "negative token":
+        a[0] = a[0].clone()
+        a[0][0] = -1
+    elif what == "2-D tokens":
+        a[0] = a[0][:, None]
+    elif what == "heads of 0":
+        a[9] = 0
+    elif what == "image_size of another model":
+        a[7] = a[7] + 1
+    elif what == "even conv kernel":
+        a[8] = 2
+    elif what == "NaN scale":
+        a[11] = float("nan")
+    elif what == "negative eps":
+        a[10] = -1.0
+    else:
+        raise AssertionError(what)
+    return a
+
+
+BAD = {  # what is wrong -> what the error says
+    "negative text_len": "text_len must be >= 0",
+    "index past the image": "index must be in",
+    "negative index": "index must be in",
+    "bad kind in the last layer": "kind must be one of 'full', 'row', 'column', 'conv', got 'diagonal'",
+    "one kind too many": "parameters for 5 layers",
+    "a parameter missing": "parameters for 4 layers",
+    "fc2 bias of the wrong size": r"params\[\d+\] \(layers.3.mlp.fc2.bias\) must have shape \[32\]",
+    "norm in another dtype": r"layers.3.mlp.norm.weight\) must be Float",
+    "fc2 in another dtype than fc1": r"layers.3.mlp.fc2.weight\) must be Float",
+    "qkv of the wrong width": r"layers.3.attn.attn.to_qkv.weight\) must have shape",
+    "integer parameter": r"layers.3.attn.attn.to_out.bias\) must be floating",
+    "head bias of the wrong size": r"to_image_logits.bias\) must have shape",
+    "parameter on another device": r"layers.3.mlp.fc1.bias\) is on meta",
+    "short cache in the last layer": "layer 3's caches must be",
+    "k and v caches of different dtypes": "layer 3's caches must share one floating dtype",
+    "cache with the wrong heads": "layer 3's caches must be",
+    "integer caches": "layer 3's caches must share one floating dtype",
+    "token past the vocabulary": r"tokens must be in \[0, 32\)",
+    "negative token": r"tokens must be in \[0, 32\)",
+    "2-D tokens": r"tokens must be \(B,\)",
+    "heads of 0": "heads must be >= 1",
+    "image_size of another model": r"image_row.weight\) must have shape",
+    "even conv kernel": "conv_kernel must be odd",
+    "NaN scale": "scale must be finite",
+    "negative eps": "eps must be finite and >= 0",
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD))
+def test_every_bad_argument_raises_before_any_cache_is_written(what):
+    m = model(depth=4, attention_kinds=["row", "column", "full", "conv"])
+    with torch.no_grad():
+        a = _op_args(m, batch=2, index=3)
+        for c in a[3] + a[4]:
+            c.normal_()  # a write of the step's k/v anywhere would change them
+        before = [c.clone() for c in a[3] + a[4]]
+        bad = _corrupt(m, a, what)
+        with pytest.raises((ValueError, TypeError)) as e:
+            transformer_decode_step(*bad)
+        assert e.match(BAD[what])
+        assert all(torch.equal(c, b) for c, b in zip(a[3] + a[4], before)), f"{what}: a cache was written"
+        # and the good call still runs and writes at text_len + index
+        transformer_decode_step(*a)
+        pos = m.config.text_len + 3
+        assert all(not torch.equal(c[:, :, pos], b[:, :, pos]) for c, b in zip(a[3] + a[4], before))
+
+
 def test_selftest_rows_pass():
-    from dalle_fast.ops.decode_step import selftest
-    rows = selftest("cpu")
+    from dalle_fast.selftest import decode_step_rows
+    rows = decode_step_rows("cpu")
     assert len(rows) == 3 and all(err <= tol for _, _, _, err, tol in rows), rows
 
 
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device and the CUDA kernels")
 def test_fused_step_on_cuda():
-    from dalle_fast.ops.decode_step import selftest
-    rows = selftest("cuda")
+    from dalle_fast.selftest import decode_step_rows
+    rows = decode_step_rows("cuda")
     assert all(err <= tol for _, _, _, err, tol in rows), rows
     m = model(2, depth=4, text_len=5, image_size=4).cuda()
     text, _ = inputs(m.config, 3)

@@ -13,7 +13,7 @@ from dalle_fast.ops import sparse_attention as ops
 from dalle_fast.reference import sparse_attention as ref
 from dalle_fast.testing import assert_within_pytorch_error, devices, make_noncontiguous, max_abs_err
 
-KINDS = ("row", "column", "conv", "full")
+KINDS = dalle_fast.ops.sparse_attention.KINDS  # the one definition
 # (text_len, image_size, B, heads, D, conv_kernel): text_len 0, a 1x1 image, sizes that are not
 # multiples of the 64-query block (N = 151, 236, 1 + 81), head dims that are not multiples of 8.
 SHAPES = [(5, 4, 1, 2, 8, 11), (0, 1, 1, 1, 4, 11), (70, 9, 2, 1, 16, 3), (67, 13, 1, 2, 32, 5), (3, 1, 2, 1, 8, 11),

@@ -20,7 +20,7 @@ from dalle_fast.testing import assert_within_pytorch_error, cuda_available, make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TILE = 64
-KINDS = ("row", "column", "conv", "full")
+KINDS = dalle_fast.ops.sparse_attention.KINDS  # the one definition
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_ids
+from ..ops.sparse_attention import KINDS
 from ..tokenizer import PAD_ID
-
-KINDS = ("row", "column", "conv", "full")
 
 
 @dataclasses.dataclass
@@ -51,7 +51,8 @@ class DALLEConfig:
     dim_head: int = 64
     mlp_mult: int = 4
     conv_kernel: int = 11
-    backend: str = "fused"             # attention backend: fused | flex | dense
+    backend: str = "fused"             # attention backend: fused | flex | dense (DALLE_FAST_ATTENTION_BACKEND
+                                       # replaces fused, see nn.attention.resolve_backend)
     attention_kinds: Optional[list] = None  # None: the paper's schedule; or one kind per layer
     dropout: float = 0.0
     text_loss_weight: float = 1.0 / 8  # the image loss gets 1 - this (the paper: 1/8 and 7/8)
@@ -340,8 +341,7 @@ class DALLE(nn.Module):
             raise ValueError(f"text must be (batch, text_len={cfg.text_len}) token ids, got {tuple(text.shape)}")
         if text.dtype not in (torch.long, torch.int32):
             raise TypeError(f"text must hold integer token ids, got {text.dtype}")
-        if text.numel() and (text.min() < 0 or text.max() >= cfg.num_text_tokens):
-            raise ValueError(f"text ids must be in [0, {cfg.num_text_tokens}), got [{int(text.min())}, {int(text.max())}]")
+        check_ids(text, cfg.num_text_tokens, "text ids")
         pos = torch.arange(cfg.text_len, device=text.device) + cfg.num_text_tokens
         return torch.where(text == PAD_ID, pos.expand_as(text), text.long())
 
@@ -354,8 +354,7 @@ class DALLE(nn.Module):
                              f"{cfg.image_size}, {cfg.image_size}), got {tuple(image.shape)}")
         if image.dtype not in (torch.long, torch.int32):
             raise TypeError(f"image tokens must be integers, got {image.dtype}")
-        if image.numel() and (image.min() < 0 or image.max() >= cfg.num_image_tokens):
-            raise ValueError(f"image tokens must be in [0, {cfg.num_image_tokens})")
+        check_ids(image, cfg.num_image_tokens, "image tokens")
         return image.long()
 
     def embed_text(self, text):
@@ -482,23 +481,27 @@ class DALLE(nn.Module):
         return self.image_logits(h[:, -1])
 
     def decode_params(self):
-        """The tensors of one cached step.
+        """The tensors of one cached step, filled by name in the op's order.
 
         Returns:
-            A list in the order of dalle_fast.ops.decode_step.transformer_decode_step.
+            A list ordered as dalle_fast.ops.decode_step.param_names (this model's state_dict keys).
         """
-        ps = [self.image_emb.weight, self.image_row.weight, self.image_col.weight]
-        for layer in self.layers:
-            a, m = layer.attn, layer.mlp
-            ps += [a.norm.weight, a.norm.bias, a.attn.to_qkv.weight, a.attn.to_out.weight, a.attn.to_out.bias,
-                   m.norm.weight, m.norm.bias, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias]
-        n = self.final_norm
-        return ps + [n.weight, n.bias, self.to_image_logits.weight, self.to_image_logits.bias]
+        from ..ops.decode_step import param_names
+        return [self.get_parameter(name) for name in param_names(len(self.layers))]
+
+    def attention_backend(self):
+        """The backend the attention modules run.
+
+        Returns:
+            config.backend, unless DALLE_FAST_ATTENTION_BACKEND replaced the fused one when the model was
+            built (nn.attention.resolve_backend).
+        """
+        return self.layers[0].attn.attn.backend
 
     def _can_fuse_step(self):
         """The fused step computes exactly the module path for the fused backend in eval (no dropout,
         no hooks, nothing that needs gradients)."""
-        if self.config.backend != "fused" or (self.training and self.config.dropout > 0):
+        if self.attention_backend() != "fused" or (self.training and self.config.dropout > 0):
             return False
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
             return False

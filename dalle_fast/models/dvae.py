@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import dalle_fast
 from dalle_fast.checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_json, load_safetensors
+from dalle_fast.checks import check_ids
 
 
 @dataclasses.dataclass
@@ -403,9 +404,7 @@ class DiscreteVAE(nn.Module):
                             f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
         if tokens.dim() != 3:
             raise ValueError(f"tokens must have shape (B, h, w), got {tuple(tokens.shape)}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got range "
-                             f"[{tokens.min().item()}, {tokens.max().item()}]")
+        check_ids(tokens, self.vocab_size, "tokens")
 
     # -- the ops, fused or eager ----------------------------------------------------------------
     def _map(self, x):

@@ -1,4 +1,4 @@
 """Thin modules over the dalle_fast ops."""
-from .attention import BACKENDS, KVCache, SparseSelfAttention
+from .attention import BACKEND_ENV, BACKENDS, KVCache, SparseSelfAttention, resolve_backend
 
-__all__ = ["BACKENDS", "KVCache", "SparseSelfAttention"]
+__all__ = ["BACKEND_ENV", "BACKENDS", "KVCache", "SparseSelfAttention", "resolve_backend"]

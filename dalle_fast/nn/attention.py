@@ -6,8 +6,13 @@ Backends compute the same function:
   "dense": scaled_dot_product_attention with the dense bool mask.
 "flex" and "dense" are the baselines; both decode through SDPA over the cached prefix, and "flex"
 trains through "dense" on the CPU, where FlexAttention has no backward.
+
+DALLE_FAST_ATTENTION_BACKEND=flex|dense (read when a module is built) replaces the fused backend
+wherever it is asked for, by default or by a saved config: the way around a fused kernel that fails
+`python -m dalle_fast.selftest` on some GPU. "fused" or unset changes nothing.
 """
 import functools
+import os
 import warnings
 
 import torch
@@ -17,6 +22,20 @@ from torch import nn
 from ..ops.sparse_attention import KINDS, attention_mask, sparse_attention, sparse_attention_decode
 
 BACKENDS = ("fused", "flex", "dense")
+BACKEND_ENV = "DALLE_FAST_ATTENTION_BACKEND"
+
+
+def resolve_backend(backend="fused"):
+    """The backend a module asking for `backend` gets: the fused one is replaced by the environment's
+    DALLE_FAST_ATTENTION_BACKEND when that is set; flex and dense are kept."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    env = os.environ.get(BACKEND_ENV, "").strip()
+    if not env:
+        return backend
+    if env not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)} (or unset), got {env!r}")
+    return env if backend == "fused" else backend
 
 
 class KVCache:
@@ -94,7 +113,8 @@ class SparseSelfAttention(nn.Module):
         image_size: image tokens per side.
         dim_head: features per head.
         conv_kernel: odd kernel size of the 'conv' mask.
-        backend: 'fused' (dalle_fast's kernels), 'flex' (FlexAttention) or 'dense' (SDPA with the dense mask).
+        backend: 'fused' (dalle_fast's kernels), 'flex' (FlexAttention) or 'dense' (SDPA with the dense mask);
+            it goes through resolve_backend, so DALLE_FAST_ATTENTION_BACKEND overrides 'fused'.
         dropout: applied to the output projection (the fused kernels have no attention-probability dropout).
     """
 
@@ -105,6 +125,7 @@ class SparseSelfAttention(nn.Module):
             raise ValueError(f"SparseSelfAttention: kind must be one of {KINDS}, got {kind!r}")
         if backend not in BACKENDS:
             raise ValueError(f"SparseSelfAttention: backend must be one of {BACKENDS}, got {backend!r}")
+        backend = resolve_backend(backend)
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         self.kind, self.text_len, self.image_size, self.conv_kernel = kind, text_len, image_size, conv_kernel
         self.backend = backend
