@@ -55,7 +55,7 @@ at::Tensor step_linear(const at::Tensor& x, const at::Tensor& W, const std::opti
 Params unpack_params(at::TensorList params, int64_t depth) {
   TORCH_CHECK_VALUE((int64_t)params.size() == decode_param_count(depth), "transformer_decode_step: expected ",
                     decode_param_count(depth), " parameters for ", depth, " layers (",
-                    "_transformer_decode_step_param_names(", depth, ")), got ", params.size());
+                    "_build_decode_step_param_names(", depth, ")), got ", params.size());
   Params s;
   size_t i = 0;
 #define DALLE_FAST_TAKE(field, name) s.field = params[i++];
@@ -235,7 +235,7 @@ at::Tensor transformer_decode_step(const at::Tensor& tokens, int64_t index, at::
 }
 
 std::vector<std::string> param_names(int64_t depth) {
-  TORCH_CHECK_VALUE(depth >= 1, "_transformer_decode_step_param_names: depth must be >= 1, got ", depth);
+  TORCH_CHECK_VALUE(depth >= 1, "_build_decode_step_param_names: depth must be >= 1, got ", depth);
   return decode_param_names(depth);
 }
 
@@ -247,5 +247,5 @@ TORCH_LIBRARY_IMPL(dalle_fast, CompositeExplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(dalle_fast, CompositeImplicitAutograd, m) {
-  m.impl("_transformer_decode_step_param_names", &dalle_fast::param_names);
+  m.impl("_build_decode_step_param_names", &dalle_fast::param_names);
 }

@@ -37,7 +37,7 @@ std::string cuda_build_info() {
 
 TORCH_LIBRARY(dalle_fast, m) {
   m.def("_build_info() -> str", &dalle_fast::build_info);
-  m.def("_cuda_build_info() -> str", &dalle_fast::cuda_build_info);
+  m.def("_build_cuda_info() -> str", &dalle_fast::cuda_build_info);
 
   // ---- gumbel_softmax (begin) ----
   // seed: one-element int64 tensor on logits' device, read by the kernel (no host sync on CUDA);
@@ -104,14 +104,14 @@ TORCH_LIBRARY(dalle_fast, m) {
 
   // ---- transformer_decode_step (begin) ----
   // One cached sampling step of DALLE (csrc/decode_step.cpp): tokens (B,) are image token `index`;
-  // params in the order _transformer_decode_step_param_names(depth) returns (DALLE's state_dict keys,
+  // params in the order _build_decode_step_param_names(depth) returns (DALLE's state_dict keys,
   // stated once in include/dalle_fast/decode_step_params.h). Checks every argument, then writes each
   // layer's k/v at text_len + index into its caches (B, heads, L, dim_head); returns the fp32 image
   // logits (B, image vocab) of token index + 1.
   m.def("transformer_decode_step(Tensor tokens, int index, Tensor[] params, Tensor(a!)[] k_caches, "
         "Tensor(b!)[] v_caches, str[] kinds, int text_len, int image_size, int conv_kernel, int heads, "
         "float eps, float scale) -> Tensor");
-  m.def("_transformer_decode_step_param_names(int depth) -> str[]");
+  m.def("_build_decode_step_param_names(int depth) -> str[]");
   // ---- transformer_decode_step (end) ----
 
   // ---- householder_qr (begin) ----

@@ -13,6 +13,7 @@ from .ops.diffusion import dynamic_threshold, guided_step  # noqa: E402
 from .ops.gumbel_softmax import gumbel_softmax, one_hot_argmax  # noqa: E402
 from .ops.householder_qr import householder_qr  # noqa: E402
 from .ops.logit_laplace import logit_laplace_loss, map_pixels, unmap_pixels  # noqa: E402
+from .ops.resblock_scaling import resblock_grad_scale, resblock_unscale_grads_  # noqa: E402
 from .ops.sparse_attention import (  # noqa: E402
     attention_mask, attention_schedule, sparse_attention, sparse_attention_decode)
 from .ops.decode_step import transformer_decode_step  # noqa: E402  (every op module: every fake kernel)
@@ -20,5 +21,6 @@ from .ops.decode_step import transformer_decode_step  # noqa: E402  (every op mo
 __all__ = [
     "gumbel_softmax", "one_hot_argmax", "logit_laplace_loss", "map_pixels", "unmap_pixels",
     "attention_mask", "attention_schedule", "sparse_attention", "sparse_attention_decode", "transformer_decode_step",
-    "dynamic_threshold", "guided_step", "householder_qr", "backends", "__version__",
+    "dynamic_threshold", "guided_step", "householder_qr", "resblock_grad_scale",
+    "resblock_unscale_grads_", "backends", "__version__",
 ]

@@ -64,7 +64,7 @@ def checks():
 
 def cuda_build():
     """(toolkit, arch list) the CUDA kernels were built with, or None for a CPU-only build."""
-    info = str(torch.ops.dalle_fast._cuda_build_info())
+    info = str(torch.ops.dalle_fast._build_cuda_info())
     if not info:
         return None
     toolkit, _, archs = info.partition("|")

@@ -18,7 +18,8 @@ def test_bundled_assets_are_small_and_complete():
                  "tokenizer.json", "clip/open_clip_config.json", "clip/open_clip_model.safetensors"):
         assert os.path.isfile(os.path.join(root, need)), need
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
-    assert size < 12 * 2 ** 20, f"bundle is {size / 2 ** 20:.1f} MiB"
+    # the DALL-E bundle (~8 MB) and the four diffusion models (~12.5 MB)
+    assert size < 24 * 2 ** 20, f"bundle is {size / 2 ** 20:.1f} MiB"
 
 
 def test_bundled_model_generates_with_the_fused_backend_and_reranks():

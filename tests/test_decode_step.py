@@ -175,7 +175,7 @@ def test_param_names_are_the_models_state_dict_keys_in_the_ops_order():
     # the per-layer block repeats with the layer index and nothing else
     assert [n.replace("layers.0.", "") for n in names[3:14]] == [n.replace("layers.2.", "") for n in names[25:36]]
     with pytest.raises(ValueError, match="depth must be >= 1"):
-        torch.ops.dalle_fast._transformer_decode_step_param_names(0)
+        torch.ops.dalle_fast._build_decode_step_param_names(0)
 
 
 def _corrupt(m, a, what):

@@ -321,9 +321,13 @@ class DALLE(nn.Module):
 
     def enable_resblock_scaling(self, scaler):
         """The paper's per-resblock gradient scaling (dalle_fast.amp): every attention and MLP branch
-        becomes a scaled branch of `scaler` (a ResblockGradScaler with num_blocks = 2 * depth, blocks in
-        resblocks() order). Forward hooks: parameters and state_dict keys are unchanged. Returns the
-        hooks (.remove() undoes it)."""
+        becomes a scaled branch of `scaler`. Forward hooks: parameters and state_dict keys are unchanged.
+
+        Args:
+            scaler: a ResblockGradScaler with num_blocks = 2 * depth (blocks in resblocks() order).
+        Returns:
+            The hooks (.remove() undoes it).
+        """
         from ..amp import scale_branches
         return scale_branches(self.resblocks(), scaler)
 

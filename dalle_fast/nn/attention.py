@@ -26,8 +26,14 @@ BACKEND_ENV = "DALLE_FAST_ATTENTION_BACKEND"
 
 
 def resolve_backend(backend="fused"):
-    """The backend a module asking for `backend` gets: the fused one is replaced by the environment's
-    DALLE_FAST_ATTENTION_BACKEND when that is set; flex and dense are kept."""
+    """The backend a module asking for `backend` gets.
+
+    Args:
+        backend: 'fused', 'flex' or 'dense'.
+    Returns:
+        The backend to run: 'fused' is replaced by the environment's DALLE_FAST_ATTENTION_BACKEND when
+        that is set; flex and dense are kept.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     env = os.environ.get(BACKEND_ENV, "").strip()

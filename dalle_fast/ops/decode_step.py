@@ -11,14 +11,25 @@ import torch
 def param_names(depth):
     """The names of the op's params for `depth` layers, in order: DALLE state_dict keys, from the op
     (the order is stated once, in csrc/include/dalle_fast/decode_step_params.h)."""
-    return tuple(torch.ops.dalle_fast._transformer_decode_step_param_names(depth))
+    return tuple(torch.ops.dalle_fast._build_decode_step_param_names(depth))
 
 
 def transformer_decode_step(tokens, index, params, k_caches, v_caches, kinds, text_len, image_size, conv_kernel,
                             heads, eps=1e-5, scale=None):
-    """tokens (B,) = image token `index`; params in the order of param_names(len(kinds)); one (B, heads,
-    L, dim_head) k and v cache per layer, written at text_len + index. Returns the fp32 logits (B, image
-    vocab) of image token index + 1. The op checks every argument before it writes (ValueError/TypeError)."""
+    """One cached sampling step of the whole transformer. The op checks every argument before it writes
+    (ValueError/TypeError).
+
+    Args:
+        tokens: (B,) image token `index`.
+        index: its position among the image tokens.
+        params: tensors in the order of param_names(len(kinds)).
+        k_caches, v_caches: one (B, heads, L, dim_head) cache per layer, written at text_len + index.
+        kinds: each layer's mask kind.
+        text_len, image_size, conv_kernel, heads, eps, scale: the model's geometry, LayerNorm eps and the
+            attention scale (default 1/sqrt(dim_head)).
+    Returns:
+        The fp32 logits (B, image vocab) of image token index + 1.
+    """
     if scale is None:
         scale = k_caches[0].shape[-1] ** -0.5
     return torch.ops.dalle_fast.transformer_decode_step(tokens, index, params, k_caches, v_caches, kinds, text_len,

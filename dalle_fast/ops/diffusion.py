@@ -48,8 +48,16 @@ def _check_percentile(percentile, op):
 
 
 def dynamic_threshold(x0, percentile=0.995, *, return_scale=False):
-    """Imagen's dynamic thresholding of x0 (B, ...): clamp(x0, -s, s) / s per sample, s = max(1,
-    the percentile of |x0| over the sample). return_scale: also return s, float64 (B,)."""
+    """Imagen's dynamic thresholding: clamp(x0, -s, s) / s per sample, s = max(1, the percentile of |x0|
+    over the sample, interpolated linearly as torch.quantile does), found by selection, not sorting.
+
+    Args:
+        x0: (B, ...) floating tensor, one sample per index of dim 0.
+        percentile: in (0, 1]; 0.995 as in the common implementations.
+        return_scale: also return s.
+    Returns:
+        The thresholded x0 in x0's dtype, or (that, s as a float64 (B,) tensor).
+    """
     _check_tensor(x0, "x0", "dynamic_threshold")
     percentile = _check_percentile(percentile, "dynamic_threshold")
     if x0.shape[0] and x0.numel() == 0:
@@ -92,6 +100,9 @@ def guided_step(cond, uncond, x_t, alpha_bar_t, alpha_bar_prev, *, guidance=1.0,
                 offset=0, return_x0=False):
     """One classifier-free-guided sampling step from x_t to x_{t-1}, fused into one pass.
 
+    Args (all described below): cond, uncond, x_t, alpha_bar_t, alpha_bar_prev, guidance,
+    parameterization, threshold, percentile, sampler, eta, generator, seed, offset, return_x0.
+
     cond, uncond: the model's conditional and unconditional outputs, x_t's shape (B, ...) and dtype;
       uncond None: no guidance (pred = cond).
     alpha_bar_t, alpha_bar_prev: cumulative alpha products of this step and the next (prev = 1 for
@@ -108,7 +119,8 @@ def guided_step(cond, uncond, x_t, alpha_bar_t, alpha_bar_prev, *, guidance=1.0,
       in [0, 2^32) (e.g. the step index), so CPU and CUDA draw the same noise for one seed.
     return_x0: also return the thresholded x0 estimate.
 
-    Returns x_prev, or (x_prev, x0). Inference only: raises if autograd would need a gradient.
+    Returns:
+        x_prev, or (x_prev, x0). Inference only: raises if autograd would need a gradient.
     """
     op = "guided_step"
     _check_tensor(x_t, "x_t", op)

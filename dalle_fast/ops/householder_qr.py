@@ -17,7 +17,15 @@ _ops = torch.ops.dalle_fast
 
 
 def householder_qr(a, eps=0.0):
-    """a: (batch, rows, cols) or (rows, cols) with rows >= cols. Returns Q of a's shape and dtype."""
+    """Thin Q of the Householder QR of a + eps * I, for a batch of tall matrices in one call.
+
+    Args:
+        a: (batch, rows, cols) or (rows, cols) with rows >= cols; float32/float64/float16/bfloat16
+            (float64 on the CPU only).
+        eps: added to the diagonal first (the paper's 1e-6 keeps zero columns finite).
+    Returns:
+        Q of a's shape and dtype, orthonormal columns.
+    """
     if not isinstance(a, torch.Tensor):
         raise TypeError(f"householder_qr: A must be a tensor, got {type(a).__name__}")
     if a.dtype not in _FLOATS:

@@ -43,8 +43,19 @@ def _check_block(block, num_blocks, name):
 
 
 def resblock_grad_scale(grad, scales, nonfinite, block, unscale, dtype=None):
-    """(grad / scales[block] if unscale else grad * scales[block]) in `dtype` (default grad's), NaN/Inf
-    set to 0; sets nonfinite[block] = True when any was. nonfinite is updated in place."""
+    """Scales (or unscales) an activation gradient at a branch boundary and filters it, in one pass.
+
+    Args:
+        grad: the float gradient.
+        scales: fp32 (num_blocks,) per-block scales.
+        nonfinite: bool (num_blocks,) flags, updated in place: nonfinite[block] = True when any value
+            was NaN/Inf.
+        block: the branch's block index.
+        unscale: divide by scales[block] if True, else multiply.
+        dtype: the output dtype (default grad's).
+    Returns:
+        grad / scales[block] (or grad * scales[block]) in `dtype`, NaN/Inf set to 0.
+    """
     if not isinstance(grad, torch.Tensor) or grad.dtype not in _FLOATS:
         raise TypeError(f"resblock_grad_scale: grad must be a float tensor, got {getattr(grad, 'dtype', type(grad))}")
     dtype = grad.dtype if dtype is None else dtype
@@ -57,7 +68,16 @@ def resblock_grad_scale(grad, scales, nonfinite, block, unscale, dtype=None):
 
 def resblock_unscale_grads_(grads, blocks, scales, nonfinite):
     """grads[i] /= scales[blocks[i]] in place, in one call; nonfinite[blocks[i]] = True where a result
-    is NaN/Inf. grads: contiguous float tensors on scales' device (dtypes may differ)."""
+    is NaN/Inf.
+
+    Args:
+        grads: contiguous float tensors on scales' device (dtypes may differ).
+        blocks: one block index per gradient.
+        scales: fp32 (num_blocks,) per-block scales.
+        nonfinite: bool (num_blocks,) flags, updated in place.
+    Returns:
+        None (everything is in place).
+    """
     grads, blocks = list(grads), [int(b) for b in blocks]
     if len(grads) != len(blocks):
         raise ValueError(f"resblock_unscale_grads_: blocks must give one block per gradient ({len(grads)}), "

@@ -2,7 +2,7 @@
 //
 // The op receives them as one Tensor[] (a schema cannot take a struct); decode_step.cpp unpacks that
 // list into DecodeStepParams in one function, field by field in the order below, and the op
-// _transformer_decode_step_param_names(depth) returns the same order as names, from which Python
+// _build_decode_step_param_names(depth) returns the same order as names, from which Python
 // (dalle_fast.ops.decode_step.param_names, DALLE.decode_params) builds the list. Each name is the
 // parameter's key in DALLE's state_dict, so the model fills the list by name and an error can say
 // which tensor is wrong. No ATen here: the struct is a template over the tensor handle.
