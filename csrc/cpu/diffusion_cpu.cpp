@@ -11,8 +11,8 @@
 //     std::nth_element picks the lower rank, the minimum of what lies above it the upper one;
 //  3. one output pass: clamp(x0, -s, s) / s, and for guided_step the DDPM / DDIM update with the
 //     normal noise drawn in blocks of 64 elements (16 Philox calls, one vector per round).
-// The element loops are compiled per ISA by GCC's target_clones (AVX-512, AVX2, baseline), picked
-// by the loader from the running CPU, never assumed at compile time (as in gumbel_softmax_cpu.cpp).
+// The element loops are always-inline and reached through with_cpu_isa (cpu_isa.h), which compiles
+// them for AVX-512, AVX2 and the baseline and picks one from the running CPU, never assumed at compile time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,11 +35,9 @@
 #define DF_HAVE_AVX2_PHILOX 1
 #endif
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DF_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if defined(__GNUC__)
 #define DF_INLINE inline __attribute__((always_inline))
 #else
-#define DF_ISA_CLONES
 #define DF_INLINE inline
 #endif
 
@@ -128,12 +126,12 @@ double sample_scale(const acc* x0, int64_t n, double percentile, std::vector<acc
 }
 
 template <typename T>
-DF_ISA_CLONES void to_acc(const T* x, acc_t<T>* out, int64_t n) {
+DF_INLINE void to_acc(const T* x, acc_t<T>* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t<T>>(x[i]);
 }
 
 template <typename T>
-DF_ISA_CLONES void clamp_store(const acc_t<T>* x0, acc_t<T> s, T* out, int64_t n) {
+DF_INLINE void clamp_store(const acc_t<T>* x0, acc_t<T> s, T* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(clamp_scale(x0[i], s));
 }
 
@@ -159,9 +157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dynamic_threshold_cpu(const at::T
       thread_local std::vector<acc> buf, cand;
       acc* v = thread_scratch(buf, n);
       for (int64_t b = b0; b < b1; ++b) {
-        to_acc<scalar_t>(xp + b * n, v, n);
+        with_cpu_isa([&] { to_acc<scalar_t>(xp + b * n, v, n); });
         sp[b] = sample_scale(v, n, percentile, cand, pp ? pp + 2 * b : nullptr);
-        clamp_store<scalar_t>(v, static_cast<acc>(sp[b]), op + b * n, n);
+        with_cpu_isa([&] { clamp_store<scalar_t>(v, static_cast<acc>(sp[b]), op + b * n, n); });
       }
     });
   });
@@ -202,7 +200,7 @@ struct StepArgs {
 };
 
 template <typename T>
-DF_ISA_CLONES void x0_estimate(const T* cond, const T* uncond, const T* xt, acc_t<T>* x0, const StepArgs<acc_t<T>>& a,
+DF_INLINE void x0_estimate(const T* cond, const T* uncond, const T* xt, acc_t<T>* x0, const StepArgs<acc_t<T>>& a,
                                int64_t n) {
   using acc = acc_t<T>;
   if (uncond) {
@@ -349,7 +347,7 @@ DF_INLINE void update_run(const acc_t<T>* __restrict x0, const T* __restrict xt,
 // The update of one sample (flat elements base .. base + n), the noise drawn block by block of the
 // flat index so every element gets the noise of its global index.
 template <typename T, int kKind, bool kNoise, bool kX0>
-DF_ISA_CLONES void update(const acc_t<T>* x0, const T* xt, T* out, T* x0_out, const StepArgs<acc_t<T>>& a, acc_t<T> s,
+DF_INLINE void update(const acc_t<T>* x0, const T* xt, T* out, T* x0_out, const StepArgs<acc_t<T>>& a, acc_t<T> s,
                           int64_t base, int64_t n, PhiloxKey key, uint32_t offset) {
   static const NormalBlockFn<acc_t<T>> normal_block_fn = pick_normal_block<acc_t<T>>();
   using acc = acc_t<T>;
@@ -372,10 +370,12 @@ DF_ISA_CLONES void update(const acc_t<T>* x0, const T* xt, T* out, T* x0_out, co
 template <typename T, int kKind>
 void update_dispatch(bool noise, bool want_x0, const acc_t<T>* x0, const T* xt, T* out, T* x0_out,
                      const StepArgs<acc_t<T>>& a, acc_t<T> s, int64_t base, int64_t n, PhiloxKey key, uint32_t offset) {
-  if (noise && want_x0) update<T, kKind, true, true>(x0, xt, out, x0_out, a, s, base, n, key, offset);
-  else if (noise) update<T, kKind, true, false>(x0, xt, out, x0_out, a, s, base, n, key, offset);
-  else if (want_x0) update<T, kKind, false, true>(x0, xt, out, x0_out, a, s, base, n, key, offset);
-  else update<T, kKind, false, false>(x0, xt, out, x0_out, a, s, base, n, key, offset);
+  with_cpu_isa([&] {
+    if (noise && want_x0) update<T, kKind, true, true>(x0, xt, out, x0_out, a, s, base, n, key, offset);
+    else if (noise) update<T, kKind, true, false>(x0, xt, out, x0_out, a, s, base, n, key, offset);
+    else if (want_x0) update<T, kKind, false, true>(x0, xt, out, x0_out, a, s, base, n, key, offset);
+    else update<T, kKind, false, false>(x0, xt, out, x0_out, a, s, base, n, key, offset);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> guided_step_cpu(const at::Tensor& cond_in,
@@ -415,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor> guided_step_cpu(const at::Tensor& cond_in,
         const StepArgs<acc> a{static_cast<acc>(guidance), static_cast<acc>(c.x0_xt), static_cast<acc>(c.x0_pred),
                               static_cast<acc>(c.mean_x0), static_cast<acc>(c.mean_xt), static_cast<acc>(c.sigma)};
         const int64_t base = b * n;
-        x0_estimate<scalar_t>(cp + base, up ? up + base : nullptr, xp + base, v, a, n);
+        with_cpu_isa([&] { x0_estimate<scalar_t>(cp + base, up ? up + base : nullptr, xp + base, v, a, n); });
         const acc s = kind == kDynamic ? static_cast<acc>(sample_scale(v, n, percentile, cand, nullptr)) : acc(1);
         const bool noise = c.sigma != 0.0, want_x0 = x0p != nullptr;
         const uint32_t off = static_cast<uint32_t>(offset);
