@@ -14,9 +14,9 @@
 // Why not at::vec::Vectorized: in an extension built with the default flags CPU_CAPABILITY is not
 // defined, so Vectorized<float> is the generic fallback (std::exp / std::log per lane), and the
 // noise needs vector logs and the Philox multiply. Instead the hot functions are compiled three
-// times by GCC's target_clones (x86-64-v4 = AVX-512, v3 = AVX2+FMA, baseline) and the loader picks
-// one from the running CPU's features (never assumed at compile time); the shared math is
-// branch-free so the compiler vectorises it.
+// times through with_cpu_isa (cpu_isa.h: x86-64-v4 = AVX-512, v3 = AVX2+FMA, baseline), picked from
+// the running CPU (never assumed at compile time); the shared math is branch-free so the compiler
+// vectorises it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

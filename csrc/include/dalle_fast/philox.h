@@ -6,7 +6,7 @@
 #pragma once
 #include "dalle_fast/common.h"
 
-// Force-inlined on the host too: the CPU kernels are compiled once per ISA (target_clones) and a
+// Force-inlined on the host too: the CPU kernels are compiled once per ISA (with_cpu_isa) and a
 // helper left out of line would run the baseline ISA's scalar code inside the vector loops.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define DF_MATH DF_HOST_DEVICE
