@@ -5,7 +5,9 @@
 // accumulation-type scratch stored column by column (cols x rows), so every dot product and update
 // walks contiguous memory and vectorises; eps is added to the diagonal in the copy. Q is formed by
 // applying the reflections backwards to the first cols columns of the identity, in a second
-// column-major scratch, and stored transposed into the output in A's dtype.
+// column-major scratch, and stored transposed into the output in A's dtype. The copies walk A and Q
+// row by row (contiguous for row-major input), and the whole matrix runs through with_cpu_isa
+// (cpu_isa.h), so the dot products and updates are compiled for AVX2 / AVX-512 and picked at run time.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,6 +17,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "dalle_fast/householder_qr.h"
 
 namespace dalle_fast {
@@ -39,8 +42,8 @@ void qr_one(const scalar_t* a, int64_t sr, int64_t sc, scalar_t* q_out, int64_t 
             std::vector<acc_t<scalar_t>>& work, std::vector<acc_t<scalar_t>>& qw,
             std::vector<Reflection<acc_t<scalar_t>>>& refl) {
   using acc = acc_t<scalar_t>;
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < m; ++i) work[j * m + i] = static_cast<acc>(a[i * sr + j * sc]);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) work[j * m + i] = static_cast<acc>(a[i * sr + j * sc]);
   for (int64_t j = 0; j < n; ++j) work[j * m + j] += static_cast<acc>(eps);
 
   for (int64_t k = 0; k < n; ++k) {
@@ -85,10 +88,11 @@ void qr_one(const scalar_t* a, int64_t sr, int64_t sc, scalar_t* q_out, int64_t 
       for (int64_t i = 1; i < len; ++i) y[i] -= s * x[i];
     }
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const acc sign = refl[j].alpha < acc(0) ? acc(-1) : acc(1);
-    for (int64_t i = 0; i < m; ++i) q_out[i * n + j] = static_cast<scalar_t>(sign * qw[j * m + i]);
-  }
+  for (int64_t j = 0; j < n; ++j)
+    if (refl[j].alpha < acc(0))
+      for (int64_t i = 0; i < m; ++i) qw[j * m + i] = -qw[j * m + i];
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) q_out[i * n + j] = static_cast<scalar_t>(qw[j * m + i]);
 }
 
 }  // namespace
@@ -108,7 +112,7 @@ at::Tensor householder_qr_cpu(const at::Tensor& a, double eps) {
       std::vector<acc> work(m * n), qw(m * n);
       std::vector<Reflection<acc>> refl(n);
       for (int64_t b = begin; b < end; ++b)
-        qr_one<scalar_t>(ap + b * sb, sr, sc, qp + b * m * n, m, n, eps, work, qw, refl);
+        with_cpu_isa([&] { qr_one<scalar_t>(ap + b * sb, sr, sc, qp + b * m * n, m, n, eps, work, qw, refl); });
     });
   });
   return q;

@@ -6,7 +6,8 @@
 //  - resblock_unscale_grads_: every parameter gradient of every block divided in place by its
 //    block's scale in one call, with one non-finite flag per block.
 // Threads keep their own "seen a non-finite value" bit and the flag is written once after the
-// parallel region (no data race on the flag tensor).
+// parallel region (no data race on the flag tensor). The element loops run through with_cpu_isa
+// (cpu_isa.h): compiled for AVX2 / AVX-512 and picked at run time, as ATen's own kernels are.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,6 +16,7 @@
 #include <atomic>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "dalle_fast/resblock_scaling.h"
 #include "dalle_fast/resblock_scaling_checks.h"
 
@@ -42,8 +44,10 @@ at::Tensor grad_scale_cpu(const at::Tensor& grad, const at::Tensor& scales, at::
       out_t* op = out.mutable_data_ptr<out_t>();
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
         unsigned bad = 0;
-        for (int64_t i = b; i < e; ++i)
-          op[i] = scale_filter<out_t, acc>(static_cast<acc>(gp[i]), static_cast<acc>(s), unscale, bad);
+        with_cpu_isa([&] {
+          for (int64_t i = b; i < e; ++i)
+            op[i] = scale_filter<out_t, acc>(static_cast<acc>(gp[i]), static_cast<acc>(s), unscale, bad);
+        });
         if (bad) any_bad.store(true, std::memory_order_relaxed);
       });
     });
@@ -67,7 +71,9 @@ void unscale_grads_cpu(at::TensorList grads, at::IntArrayRef blocks, const at::T
       const acc s = static_cast<acc>(sp[blocks[t]]);
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
         unsigned bad = 0;
-        for (int64_t i = b; i < e; ++i) p[i] = unscale_in_place<scalar_t, acc>(p[i], s, bad);
+        with_cpu_isa([&] {
+          for (int64_t i = b; i < e; ++i) p[i] = unscale_in_place<scalar_t, acc>(p[i], s, bad);
+        });
         if (bad) any_bad.store(true, std::memory_order_relaxed);
       });
     });
