@@ -17,9 +17,6 @@ NEEDS_VALUES = {
     "tests/test_resblock_scaling.py::test_grad_scale_flags_overflow_of_the_rounding_only_its_block": "asserts flags",
     "tests/test_resblock_scaling.py::test_power_of_two_scale_round_trips_exactly": "asserts exact values",
     "tests/test_resblock_scaling.py::test_unscale_grads_matches_reference_mixed_dtypes": "asserts per-block flags",
-    # Not diagnosed (merged late): under fake tensors the flags-shape check raises RuntimeError before the
-    # case the test expects; the real-tensor CPU run of the same body passes.
-    "tests/test_resblock_scaling.py::test_bad_input_names_the_argument": "not diagnosed, see comment",
 }
 
 

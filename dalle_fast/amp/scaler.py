@@ -14,7 +14,7 @@ Usage (the same calls a torch.amp.GradScaler loop makes, with the per-block flag
     model.enable_resblock_scaling(scaler)           # or dalle_fast.amp.scale_branches / ScaledBranch
     loss.backward()
     nonfinite = scaler.unscale_(model)              # bool (num_blocks,), one multi-tensor kernel call
-    # distributed: torch.distributed.all_reduce(nonfinite, MAX) here (cast to uint8 for backends without bool)
+    # distributed (DDP, FSDP2): scaler.unscale_(model, process_group=torch.distributed.group.WORLD)
     skipped = scaler.step(optimizer, nonfinite)
     scaler.update(nonfinite)
 nonfinite may be left out of step() and update(): they then use the flags of the last unscale_(), so a
@@ -100,25 +100,33 @@ class ResblockGradScaler:
         return out
 
     @torch.no_grad()
-    def unscale_(self, params):
+    def unscale_(self, params, process_group=None):
         """Divides every parameter gradient of every block by its block's scale in one kernel call and
         returns bool (num_blocks,): True for a block with a non-finite parameter gradient or a filtered
         activation gradient since the last call. params: a module, an optimizer, param groups, or an
         iterable of parameters. A non-finite gradient of a parameter outside every branch (embeddings,
-        heads, final gains: fp32, so only a non-finite loss makes one) flags every block."""
+        heads, final gains: fp32, so only a non-finite loss makes one) flags every block.
+        Sharded gradients (FSDP2's DTensors) are unscaled on their local shards; process_group (e.g.
+        torch.distributed.group.WORLD): the flags are then all-reduced (MAX) over it, so that a block
+        non-finite on any rank (any shard) is skipped and backed off on every rank."""
         if self._last_nonfinite is not None:
             raise RuntimeError("ResblockGradScaler: unscale_() was already called since the last update()")
         blocks_of = self.param_blocks()
-        grads, blocks, seen = [], [], set()
+        grads, blocks, seen, copy_back = [], [], set(), []
         for p in _parameters(params):
             if p in seen or p.grad is None:
                 continue
             seen.add(p)
             if p.grad.is_sparse:
                 raise TypeError("ResblockGradScaler.unscale_: sparse gradients are not supported")
-            if not p.grad.is_contiguous():
-                p.grad = p.grad.contiguous()
-            grads.append(p.grad)
+            g = _local(p.grad)
+            if not g.is_contiguous():
+                if g is p.grad:
+                    p.grad = g = g.contiguous()
+                else:  # a strided local shard: unscaled in a contiguous copy, written back
+                    copy_back.append((g, g.contiguous()))
+                    g = copy_back[-1][1]
+            grads.append(g)
             blocks.append(blocks_of.get(p, self.num_blocks))  # the extra slot: outside every branch
         device = grads[0].device if grads else self.scales.device
         scales, act = self._state_on(device)
@@ -126,8 +134,15 @@ class ResblockGradScaler:
         scales_ext = torch.cat([scales, one])
         flags_ext = torch.cat([act, torch.zeros(1, dtype=torch.bool, device=device)])
         resblock_unscale_grads_(grads, blocks, scales_ext, flags_ext)
+        for dst, src in copy_back:
+            dst.copy_(src)
         nonfinite = flags_ext[:-1] | flags_ext[-1]
         act.zero_()
+        if process_group is not None:
+            import torch.distributed as dist
+            flags = nonfinite.to(torch.uint8)  # gloo has no MAX over bool
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=process_group)
+            nonfinite = flags.bool()
         self._last_nonfinite = nonfinite
         return nonfinite
 
@@ -189,6 +204,15 @@ class ResblockGradScaler:
         self.last_decrease.copy_(state["last_decrease"].to(torch.int64))
         self.updates = int(state["updates"].item())
         self._last_nonfinite = None
+
+
+def _local(grad):
+    """A DTensor gradient's local shard (the same memory), other gradients as they are."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+        if isinstance(grad, DTensor):
+            return grad.to_local()
+    return grad
 
 
 def _parameters(params):

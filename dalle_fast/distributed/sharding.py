@@ -40,9 +40,6 @@ def check_world(shard, world_size, replicate=None, batch_size=None, powersgd_ran
     """Bad launch arguments as ValueErrors naming the argument."""
     if shard not in SHARD_MODES:
         raise ValueError(f"--shard must be one of {SHARD_MODES}, got {shard!r}")
-    if shard == "fsdp" and precision == "fp16":
-        raise ValueError("--precision fp16 with --shard fsdp is not supported yet (the per-resblock scaler over "
-                         "FSDP2's sharded gradients is untested); use --precision bf16, or fp16 with --shard ddp")
     if shard == "none" and world_size > 1:
         raise ValueError(f"--shard none runs one process, but WORLD_SIZE is {world_size}; use --shard ddp or fsdp")
     if powersgd_rank is not None and powersgd_rank < 1:

@@ -97,21 +97,50 @@ def resblock_unscale_grads_(grads, blocks, scales, nonfinite):
 
 
 # ---- fake kernels ----
+# They mirror the C++ boundary checks (include/dalle_fast/resblock_scaling_checks.h) with the same
+# exception classes and messages, so a direct op call with bad input fails alike on real and fake tensors.
+
+def _fake_check_state(scales, nonfinite, device, op):
+    torch._check_type(scales.dtype == torch.float32, lambda: f"{op}: scales must be float32, got {scales.dtype}")
+    torch._check_value(scales.dim() == 1 and scales.numel() >= 1,
+                       lambda: f"{op}: scales must be 1-D with one scale per block, got shape {tuple(scales.shape)}")
+    torch._check_type(nonfinite.dtype == torch.bool,
+                      lambda: f"{op}: nonfinite must be a bool tensor, got {nonfinite.dtype}")
+    torch._check_value(nonfinite.dim() == 1 and nonfinite.numel() == scales.numel(),
+                       lambda: f"{op}: nonfinite must be 1-D with one flag per block ({scales.numel()}), got "
+                               f"shape {tuple(nonfinite.shape)}")
+    torch._check_value(scales.device == device and nonfinite.device == device,
+                       lambda: f"{op}: scales and nonfinite must be on the gradients' device {device}")
+
+
+def _fake_check_block(block, num_blocks, op):
+    torch._check_value(0 <= block < num_blocks, lambda: f"{op}: block must be in [0, {num_blocks}), got {block}")
+
 
 @torch.library.register_fake("dalle_fast::resblock_grad_scale")
 def _(grad, scales, nonfinite, block, unscale, dtype):
-    torch._check(grad.dtype in _FLOATS, lambda: f"resblock_grad_scale: grad must be a float tensor, got {grad.dtype}")
-    torch._check(scales.dtype == torch.float32, lambda: "resblock_grad_scale: scales must be float32")
-    torch._check(nonfinite.dtype == torch.bool and nonfinite.shape == scales.shape,
-                 lambda: "resblock_grad_scale: nonfinite must be bool with one flag per block")
+    op = "resblock_grad_scale"
+    torch._check_type(grad.dtype in _FLOATS, lambda: f"{op}: grad must be float32, float64, float16 or bfloat16, "
+                                                     f"got {grad.dtype}")
+    torch._check_type(dtype in _FLOATS, lambda: f"{op}: dtype must be float32, float64, float16 or bfloat16, got {dtype}")
+    _fake_check_state(scales, nonfinite, grad.device, op)
+    _fake_check_block(block, scales.shape[0], op)
     return torch.empty(grad.shape, dtype=dtype, device=grad.device)
 
 
 @torch.library.register_fake("dalle_fast::resblock_unscale_grads_")
 def _(grads, blocks, scales, nonfinite):
-    torch._check(len(grads) == len(blocks), lambda: "resblock_unscale_grads_: one block per gradient")
-    torch._check(nonfinite.dtype == torch.bool and nonfinite.shape == scales.shape,
-                 lambda: "resblock_unscale_grads_: nonfinite must be bool with one flag per block")
+    op = "resblock_unscale_grads_"
+    torch._check_value(len(grads) == len(blocks), lambda: f"{op}: blocks must give one block per gradient "
+                                                          f"({len(grads)} gradients), got {len(blocks)}")
+    for i, (g, b) in enumerate(zip(grads, blocks)):
+        torch._check_type(g.dtype in _FLOATS, lambda: f"{op}: grads[{i}] must be float32, float64, float16 or "
+                                                      f"bfloat16, got {g.dtype}")
+        torch._check_value(g.is_contiguous(), lambda: f"{op}: grads[{i}] must be contiguous")
+        torch._check_value(g.device == scales.device, lambda: f"{op}: grads[{i}] is on {g.device}, scales on "
+                                                              f"{scales.device} (all must share one device)")
+        _fake_check_block(b, scales.shape[0], op)
+    _fake_check_state(scales, nonfinite, scales.device, op)
     return None
 
 

@@ -219,11 +219,10 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 compression_skipped = par.after_backward()
-                nonfinite = scaler.unscale_(opt)  # per-block flags (ResblockGradScaler) or None (GradScaler)
-                if nonfinite is not None and world > 1:  # a block non-finite on any rank skips it everywhere
-                    flags = nonfinite.to(torch.uint8)
-                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-                    nonfinite = flags.bool()
+                # per-block flags (ResblockGradScaler: a block non-finite on any rank or shard skips it
+                # everywhere) or None (GradScaler)
+                nonfinite = scaler.unscale_(opt, torch.distributed.group.WORLD) if world > 1 and \
+                    not isinstance(scaler, torch.amp.GradScaler) else scaler.unscale_(opt)
                 norm, finite = common.clip_gradients(model.parameters(), args.clip)
                 metrics = torch.stack([loss.detach().float(), text_loss.float(), image_loss.float()])
                 if world > 1:  # the logged loss is the global batch's
