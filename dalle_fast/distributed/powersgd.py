@@ -270,6 +270,9 @@ class PowerSGDState:
             for j, key in enumerate(keys):
                 self._where[key] = (grp, j)
             groups.append((grp, idx))
+        # plans whose buffers moved to this one (DDP's bucket rebuild after its first step) are dropped
+        self._plans = {k: v for k, v in self._plans.items()
+                       if all(self._where[key][0] is grp for grp, _ in v[0] for key in grp.keys)}
         plan = self._plans[sig] = (groups, plain)
         return plan
 

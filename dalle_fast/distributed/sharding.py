@@ -96,7 +96,7 @@ class Parallel:
         error_dtype = error_dtype or (torch.float16 if precision == "fp16" else torch.bfloat16)
         if shard == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
-            # one bucket for everything (the first 1 MB aside): a PowerSGD skip is then all-or-nothing
+            # few buckets: few collectives (a PowerSGD skip covers the whole step whatever the bucket count)
             self.model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                              bucket_cap_mb=1024)
             if powersgd_rank:
