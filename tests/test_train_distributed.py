@@ -73,7 +73,8 @@ def runs(tmp_path_factory):
     train_dalle(_args(tmp, "single16", precision="fp16"))
     two = [_args(tmp, "fsdp", shard="fsdp"), _args(tmp, "ddp", shard="ddp"),
            _args(tmp, "psgd", shard="ddp", powersgd_rank=2), _args(tmp, "fp16", shard="ddp", precision="fp16"),
-           _args(tmp, "fsdp16", shard="fsdp", precision="fp16")]
+           _args(tmp, "fsdp16", shard="fsdp", precision="fp16"),
+           _args(tmp, "hsdp2x1", shard="fsdp", replicate=2), _args(tmp, "hsdp1x2", shard="fsdp", replicate=1)]
     run_local(_worker, 2, (2, [_free_port() for _ in two], two, None), timeout_s=300)
     return tmp
 
@@ -83,6 +84,70 @@ def test_fsdp_and_ddp_losses_match_one_process(runs):
     assert len(single) == 8
     for mode in ("fsdp", "ddp"):
         torch.testing.assert_close(_losses(runs / mode), single, rtol=1e-4, atol=1e-5, msg=mode)
+
+
+def test_fsdp2_hybrid_sharding_losses_match_one_process(runs):
+    """FSDP2 on a 2-D (replicate, shard) mesh without PowerSGD (HSDP: replicate across the first dimension,
+    shard within the second), as 2x1 and 1x2 meshes of 2 processes: the losses of one process."""
+    single = _losses(runs / "single")
+    for mode in ("hsdp2x1", "hsdp1x2"):
+        torch.testing.assert_close(_losses(runs / mode), single, rtol=1e-4, atol=1e-5, msg=mode)
+
+
+def test_powersgd_resume_restores_error_buffers(runs):
+    """DDP + PowerSGD stopped after its step-4 checkpoint and resumed under 2 processes gives the
+    uninterrupted run's losses and weights exactly: the per-rank error buffers are in the checkpoint
+    (powersgd.safetensors). The same resume without that file gives other losses (the buffers matter)."""
+    import json
+    import shutil
+    from dalle_fast.checkpoint import load_safetensors
+    from dalle_fast.models.dalle import DALLE
+    src = runs / "psgd" / "checkpoints" / "step-00000004"
+    bufs = load_safetensors(str(src / "powersgd.safetensors"))
+    assert {k.split(".")[0] for k in bufs} == {"rank0", "rank1"} and all(v.abs().max() > 0 for v in bufs.values())
+    for name, keep in (("psgd_resumed", True), ("psgd_nobuffers", False)):
+        dst = runs / name / "checkpoints"
+        shutil.copytree(src, dst / "step-00000004")
+        (dst / "latest.json").write_text(json.dumps({"path": "step-00000004"}))
+        if not keep:
+            (dst / "step-00000004" / "powersgd.safetensors").unlink()
+    args = [_args(runs, name, shard="ddp", powersgd_rank=2, resume=True) for name in ("psgd_resumed", "psgd_nobuffers")]
+    run_local(_worker, 2, (2, [_free_port() for _ in args], args, None), timeout_s=240)
+    whole = _losses(runs / "psgd")
+    assert _losses(runs / "psgd_resumed") == whole[4:]
+    a = DALLE.from_pretrained(str(runs / "psgd" / "export" / "dalle"))
+    b = DALLE.from_pretrained(str(runs / "psgd_resumed" / "export" / "dalle"))
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert _losses(runs / "psgd_nobuffers") != whole[4:]
+
+
+def test_torchrun_launch_writes_a_checkpoint_that_samples_in_one_process(runs, tmp_path):
+    """One real launch: `torchrun --standalone --nproc_per_node 2 -m dalle_fast.cli train-dalle ...` (gloo,
+    DDP + PowerSGD, 2 steps) exits 0; its checkpoint and export load in this one process and sample."""
+    import subprocess
+    from dalle_fast import cli
+    from dalle_fast.checkpoint import latest_checkpoint, load_checkpoint
+    run = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dalle_fast.cli", "train-dalle", "--vae", str(runs / "vae"), "--tokenizer", str(runs / "tok.json"),
+           "--out", str(run), "--preset", "tiny", "--depth", "2", "--text-len", "12", "--steps", "2",
+           "--batch-size", "4", "--length", "16", "--warmup", "1", "--ckpt-every", "2", "--log-every", "1",
+           "--bpe-dropout", "0", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--cache-tokens",
+           "--shard", "ddp", "--powersgd-rank", "2", "--dist-timeout", "60", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                          os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    ckpt = latest_checkpoint(str(run))
+    assert ckpt is not None and ckpt.endswith("step-00000002")
+    groups, meta = load_checkpoint(ckpt)
+    assert meta["step"] == 2 and {"rank0", "rank1"} <= {k.split(".")[0] for k in groups["powersgd"]}
+    grid = tmp_path / "grid.png"
+    assert cli.main(["generate", "a red circle", "--checkpoint", str(run), "-n", "2", "--no-clip", "--out",
+                     str(grid), "--threads", "1"]) == 0
+    assert grid.is_file() and grid.stat().st_size > 0
 
 
 def test_fsdp_export_loads_in_one_process(runs):
