@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -36,6 +37,50 @@ acc dot_tail(const acc* x, const acc* y, int64_t n) {
   return s;
 }
 
+// scale = max |x_i| and finite = no x_i is NaN or infinite, branch free (|x| <= max is false for both) with
+// eight partial results, so the loop vectorises (a running max and an && chain do not).
+template <typename acc>
+void column_stats(const acc* x, int64_t len, acc& scale, bool& finite) {
+  acc p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  unsigned b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const acc big = std::numeric_limits<acc>::max();
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const acc a = std::fabs(x[i + l]);
+      p[l] = a > p[l] ? a : p[l];
+      b[l] |= static_cast<unsigned>(!(a <= big));
+    }
+  acc m = 0;
+  unsigned bad = 0;
+  for (int l = 0; l < 8; ++l) {
+    m = p[l] > m ? p[l] : m;
+    bad |= b[l];
+  }
+  for (; i < len; ++i) {
+    const acc a = std::fabs(x[i]);
+    m = a > m ? a : m;
+    bad |= static_cast<unsigned>(!(a <= big));
+  }
+  scale = m;
+  finite = bad == 0;
+}
+
+// sum (x_i * inv)^2 with eight partial sums (as dot_tail).
+template <typename acc>
+acc scaled_sumsq(const acc* x, int64_t n, acc inv) {
+  acc p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) {
+      const acc v = x[i + l] * inv;
+      p[l] += v * v;
+    }
+  acc s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+  for (; i < n; ++i) s += (x[i] * inv) * (x[i] * inv);
+  return s;
+}
+
 // v = (v0, col[1:]) of reflection k lives in work[k][k:], with v0 kept apart.
 template <typename scalar_t>
 void qr_one(const scalar_t* a, int64_t sr, int64_t sc, scalar_t* q_out, int64_t m, int64_t n, double eps,
@@ -49,16 +94,13 @@ void qr_one(const scalar_t* a, int64_t sr, int64_t sc, scalar_t* q_out, int64_t 
   for (int64_t k = 0; k < n; ++k) {
     acc* x = work.data() + k * m + k;
     const int64_t len = m - k;
-    acc scale = 0;
-    bool finite = true;
-    for (int64_t i = 0; i < len; ++i) {
-      scale = std::max(scale, std::abs(x[i]));
-      finite = finite && std::isfinite(x[i]);
-    }
+    acc scale;
+    bool finite;
+    column_stats(x, len, scale, finite);
     acc sumsq = 0, tail = 0;
     if (finite && scale > 0) {
       const acc inv = acc(1) / scale;
-      for (int64_t i = 1; i < len; ++i) tail += (x[i] * inv) * (x[i] * inv);
+      tail = scaled_sumsq(x + 1, len - 1, inv);
       sumsq = tail + (x[0] * inv) * (x[0] * inv);
     }
     // a non-finite column propagates NaN into Q (the caller detects it and skips the update)
