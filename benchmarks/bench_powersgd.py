@@ -5,7 +5,9 @@ gains and biases) at a few widths, and our batched Householder QR against torch.
 
 Both hooks run inside a DDP backward of a one-process gloo group, so the collectives are trivial and the
 difference is the compression compute: rows report the backward + hook time and the hook's overhead over
-DDP's plain all-reduce (ratio = torch hook's overhead / ours: > 1 means ours computes less). Also reported:
+DDP's plain all-reduce (ratio = torch hook's overhead / ours: > 1 means ours computes less). The providers
+are timed in interleaved rounds and the overhead is the median of per-round paired differences, so a
+shared machine's load shifts cancel. Also reported:
 the measured compression rate (elements sent / elements of the gradients) beside the paper's 1 - 5r/(8 d),
 and the bytes passed to the collectives per step.
 
@@ -14,8 +16,10 @@ and the bytes passed to the collectives per step.
 """
 import argparse
 import os
+import statistics
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,13 +51,14 @@ class Layer(torch.nn.Module):
         return [self.qkv.weight, self.out.weight, self.fc1.weight, self.fc2.weight]
 
 
-def ddp_step_time(d, hook, state, reps):
+def ddp_step(d, hook, state):
+    """One DDP backward step of a one-layer model with `hook` (None: DDP's plain all-reduce)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     torch.manual_seed(0)
     model = Layer(d)
     ddp = DDP(model, bucket_cap_mb=1024)
     if hook is not None:
-        ddp.register_comm_hook(state(model) if callable(state) else state, hook)
+        ddp.register_comm_hook(state(model), hook)
     x = torch.randn(8, d)
 
     def step():
@@ -61,33 +66,56 @@ def ddp_step_time(d, hook, state, reps):
         ddp(x).square().mean().backward()
     for _ in range(3):  # past torch's start_powerSGD_iter
         step()
-    grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters())
-    return measure(step, warmup=1, reps=reps), grads_finite, model
+    return step, model
+
+
+def _quantiles(xs):
+    xs = sorted(xs)
+    q = lambda p: xs[min(len(xs) - 1, int(p * len(xs)))]  # noqa: E731
+    return {"median_ms": statistics.median(xs), "p20_ms": q(0.2), "p80_ms": q(0.8)}
+
+
+def interleaved(steps, reps):
+    """Times every step once per round, in rotating order, for `reps` rounds; returns per provider the step
+    time quantiles and the median over rounds of (its time - the plain step's time in the same round): paired
+    differences, so the load of a shared machine cancels instead of landing on one provider."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    for rep in range(reps):
+        for n in names[rep % len(names):] + names[:rep % len(names)]:
+            t0 = time.perf_counter()
+            steps[n]()
+            times[n].append((time.perf_counter() - t0) * 1e3)
+    over = {n: statistics.median(a - b for a, b in zip(times[n], times["plain"])) for n in names}
+    return {n: _quantiles(times[n]) for n in names}, over
 
 
 def bench_hooks(rec, widths, ranks, reps):
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as tp
     for d in widths:
-        base, _, _ = ddp_step_time(d, None, None, reps)
         for r in ranks:
             def theirs_state(model, r=r):
                 return tp.PowerSGDState(None, matrix_approximation_rank=r, start_powerSGD_iter=2,
                                         min_compression_rate=1.0, warm_start=False, use_error_feedback=True)
-            t_theirs, ok_theirs, _ = ddp_step_time(d, tp.powerSGD_hook, theirs_state, reps)
-            for err_dtype in (torch.float32, torch.bfloat16):
-                def ours_state(model, r=r, e=err_dtype):
+            steps, models = {"plain": ddp_step(d, None, None)[0]}, {}
+            steps["torch"], models["torch"] = ddp_step(d, tp.powerSGD_hook, theirs_state)
+            for err in (torch.float32, torch.bfloat16):
+                def ours_state(model, r=r, e=err):
                     return PowerSGDState(None, r, compress=model.matrices(), error_dtype=e)
-                t_ours, ok_ours, model = ddp_step_time(d, powersgd_hook, ours_state, reps)
-                over_t = t_theirs["median_ms"] - base["median_ms"]
-                over_o = t_ours["median_ms"] - base["median_ms"]
-                shape = f"d={d} r={r}"
-                rec.add(op="powersgd_hook", provider=f"dalle_fast err={str(err_dtype)[6:]}", mode="ddp backward+hook",
-                        shape=shape, dtype="float32", device="cpu", **t_ours, ratio=over_t / over_o if over_o > 0 else "",
-                        extra=f"hook overhead {over_o:.3f} ms; torch's {over_t:.3f} ms; plain all-reduce step "
-                              f"{base['median_ms']:.3f} ms; finite={ok_ours}")
-            rec.add(op="powersgd_hook", provider="torch powerSGD_hook", mode="ddp backward+hook", shape=f"d={d} r={r}",
-                    dtype="float32", device="cpu", **t_theirs, ratio=1.0,
-                    extra=f"hook overhead {t_theirs['median_ms'] - base['median_ms']:.3f} ms; finite={ok_theirs}")
+                steps[err], models[err] = ddp_step(d, powersgd_hook, ours_state)
+            t, over = interleaved(steps, reps)
+            shape = f"d={d} r={r}"
+            finite = {k: all(torch.isfinite(p.grad).all() for p in m.parameters()) for k, m in models.items()}
+            for err in (torch.float32, torch.bfloat16):
+                rec.add(op="powersgd_hook", provider=f"dalle_fast err={str(err)[6:]}", mode="ddp backward+hook",
+                        shape=shape, dtype="float32", device="cpu", **t[err],
+                        ratio=over["torch"] / over[err] if over[err] > 0 else "",
+                        extra=f"hook overhead {over[err]:.3f} ms; torch's {over['torch']:.3f} ms (medians of paired "
+                              f"differences to the plain all-reduce step, {t['plain']['median_ms']:.3f} ms); "
+                              f"finite={finite[err]}")
+            rec.add(op="powersgd_hook", provider="torch powerSGD_hook", mode="ddp backward+hook", shape=shape,
+                    dtype="float32", device="cpu", **t["torch"], ratio=1.0,
+                    extra=f"hook overhead {over['torch']:.3f} ms; finite={finite['torch']}")
 
 
 def bench_rates(rec, widths, ranks):
@@ -132,7 +160,7 @@ def main():
     rec = Recorder("powersgd")
     bench_rates(rec, widths, ranks)
     bench_qr(rec, widths, ranks, reps)
-    bench_hooks(rec, widths, ranks, reps)
+    bench_hooks(rec, widths, ranks, 2 * reps)
     rec.print_table()
     print("wrote", rec.write())
     dist.destroy_process_group()
