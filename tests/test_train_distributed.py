@@ -1,7 +1,10 @@
 """`dalle-fast train-dalle` in 2 gloo processes (spawned as torchrun would start them: RANK, WORLD_SIZE,
 MASTER_ADDR/PORT in the environment): FSDP2 and DDP losses equal one process's, DDP + PowerSGD trains, a rank
 that dies makes the other fail with a clear error within the timeout, and a 2-process FSDP run killed after
-its step-4 checkpoint and resumed under 2 processes ends with the weights of the uninterrupted run."""
+its step-4 checkpoint and resumed under 2 processes ends with the weights of the uninterrupted run. Also: fp16
+with FSDP2 and the per-resblock scaler (losses of one fp16 process; an overflow in one rank's shard skips every
+rank), FSDP2 hybrid sharding on 2x1 / 1x2 meshes, DDP + PowerSGD resume with its error buffers, and one real
+torchrun launch of the CLI."""
 import csv
 import os
 import socket
@@ -75,7 +78,7 @@ def runs(tmp_path_factory):
            _args(tmp, "psgd", shard="ddp", powersgd_rank=2), _args(tmp, "fp16", shard="ddp", precision="fp16"),
            _args(tmp, "fsdp16", shard="fsdp", precision="fp16"),
            _args(tmp, "hsdp2x1", shard="fsdp", replicate=2), _args(tmp, "hsdp1x2", shard="fsdp", replicate=1)]
-    run_local(_worker, 2, (2, [_free_port() for _ in two], two, None), timeout_s=300)
+    run_local(_worker, 2, (2, [_free_port() for _ in two], two, None), timeout_s=600)
     return tmp
 
 
