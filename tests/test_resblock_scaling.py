@@ -80,6 +80,30 @@ def test_unscale_grads_matches_reference_mixed_dtypes(device):
     assert flags.tolist() == flags_r.tolist() == [False, False, False, True]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_unscale_grads_bit_equal_to_division_over_every_exponent(dtype):
+    """The vectorised CPU loop gives the correctly rounded g / s bit for bit (the reference's division): fp32
+    bit patterns of every exponent, signed zeros, subnormals, Inf and NaN, at non-power-of-two scales."""
+    g = torch.Generator().manual_seed(3)
+    bits = torch.randint(0, 2 ** 31 - 1, (200_000,), generator=g, dtype=torch.int64)
+    sign = torch.randint(0, 2, (200_000,), generator=g, dtype=torch.int64) << 31
+    x = ((bits | sign) - (1 << 32) * ((bits | sign) >= 2 ** 31)).to(torch.int32).view(torch.float32)
+    x[: 50_000] = torch.randn(50_000, generator=g) * 2.0 ** 10  # whole chunks of ordinary gradients
+    x[50_000:50_300] = 0.0
+    x[50_300:50_600] = -0.0
+    x = x.to(dtype)
+    scales = torch.tensor([8192.0 * 2 ** (7 / 1000), 300.7, 2.0 ** 24 * 1.37])
+    for b in range(3):
+        flags, flags_r = (torch.zeros(3, dtype=torch.bool) for _ in range(2))
+        got, want = [x.clone()], [x.clone()]
+        resblock_unscale_grads_(got, [b], scales, flags)
+        ref.resblock_unscale_grads_(want, [b], scales, flags_r)
+        finite = torch.isfinite(want[0])  # bits of every finite result (signed zeros included); NaN by position
+        as_int = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(got[0][finite].view(as_int), want[0][finite].view(as_int)), b
+        assert torch.equal(torch.isnan(got[0]), torch.isnan(want[0])) and flags.tolist() == flags_r.tolist()
+
+
 @pytest.mark.parametrize("device", testing.devices())
 def test_power_of_two_scale_round_trips_exactly(device):
     x = torch.randn(1000, device=device) * 1e-4
