@@ -14,7 +14,7 @@ import sys
 import torch
 
 from dalle_fast.data import Shapes
-from dalle_fast.models.dvae import DVAEConfig
+from dalle_fast.models.dvae import DVAEConfig, codebook_perplexity
 from dalle_fast.train.vae import TrainVAEConfig, train_vae
 
 # name -> (train_vae overrides, DVAEConfig overrides); 'paper' is the paper's loss with the trainer's defaults
@@ -26,7 +26,46 @@ RUNS = {
     "lr/4": ({"lr": 5e-4}, {}),
     "tau-100%": ({"tau_frac": 1.0}, {}),
     "eps=0.02": ({}, {"eps": 0.02}),
+    "ln-b-floor-0": ({}, {"min_log_b": 0.0}),
+    "ln-b-floor--1": ({}, {"min_log_b": -1.0}),
+    "codebook-std-1": ({}, {"codebook_init_std": 1.0}),
+    "floor-0+codebook-std-1": ({}, {"min_log_b": 0.0, "codebook_init_std": 1.0}),
+    "floor--1+codebook-std-1": ({}, {"min_log_b": -1.0, "codebook_init_std": 1.0}),
 }
+
+DIAG_STEPS = set(range(0, 50, 5)) | set(range(50, 100_000, 50))
+
+
+class StepDiagnostics:
+    """on_step hook of train_vae: at DIAG_STEPS, the encoder's logit scale and entropy per position,
+    the gradient norms reaching the encoder logits through the reconstruction (Gumbel-softmax path)
+    and through beta * KL, the decoder's ln b on background and object pixels, and the batch's
+    codebook perplexity (argmax tokens)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def __call__(self, step, model, out, images, sched):
+        if step not in DIAG_STEPS:
+            return
+        logits = out["logits"]
+        g_rec = torch.autograd.grad(out["recon"], logits, retain_graph=True)[0]
+        beta_kl = sched["beta"] * out["kl"]
+        g_kl = torch.autograd.grad(beta_kl, logits, retain_graph=True)[0] if beta_kl.requires_grad and sched["beta"] else \
+            torch.zeros_like(logits)
+        with torch.no_grad():
+            lf = logits.float()
+            logq = torch.log_softmax(lf, 1)
+            c = model.config.input_channels
+            ln_b = out["stats"][:, c:].float()
+            obj = (images.amax(1, keepdim=True) > 0.5).expand_as(images)
+            self.rows.append({
+                "step": step, "tau": sched["tau"], "beta": sched["beta"],
+                "logit_std": lf.std(1).mean().item(), "entropy": -(logq.exp() * logq).sum(1).mean().item(),
+                "grad_recon": g_rec.norm().item(), "grad_kl": g_kl.norm().item(),
+                "ln_b_background": ln_b[~obj].mean().item(),
+                "ln_b_object": ln_b[obj].mean().item() if obj.any() else float("nan"),
+                "perplexity": codebook_perplexity(out["tokens"], model.vocab_size)})
 
 
 @torch.no_grad()
@@ -81,11 +120,12 @@ def main(argv=None):
         if "lr" in train_kw:
             cfg.lr = train_kw["lr"]
         mcfg = DVAEConfig(**{**DVAEConfig.small().to_dict(), **model_kw})
-        s = train_vae(run_dir, cfg, model_config=mcfg, progress=False)
+        diag = StepDiagnostics()
+        s = train_vae(run_dir, cfg, model_config=mcfg, progress=False, on_step=diag)
         ema_model = s.pop("ema_model")
         curve = [(r["step"], r["eval_psnr"]) for r in _rows(run_dir) if r.get("eval_psnr") not in (None, "")]
         res = {"eval_psnr": s["eval_psnr"], "perplexity": s["eval_perplexity"], "curve": curve,
-               **decoder_diagnostics(ema_model)}
+               **decoder_diagnostics(ema_model), "steps_diag": diag.rows}
         with open(summary_path, "w") as f:
             json.dump(res, f, indent=1)
         results[name] = {**res, "run_dir": run_dir}
