@@ -37,6 +37,7 @@ RUNS = {
     "codebook-std-1": ({}, {"codebook_init_std": 1.0}),
     "floor-0+codebook-std-1": ({}, {"min_log_b": 0.0, "codebook_init_std": 1.0}),
     "floor--1+codebook-std-1": ({}, {"min_log_b": -1.0, "codebook_init_std": 1.0}),
+    "16x16-tokens": ({}, {"group_count": 3}),   # 4x4-pixel patches: an object covers most of its patches
 }
 
 DIAG_STEPS = set(range(0, 50, 5)) | set(range(50, 100_000, 50))
