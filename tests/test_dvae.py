@@ -253,6 +253,18 @@ def test_uses_fused_kernels(monkeypatch):
     assert calls == ["gs", "ll"]
 
 
+def test_codebook_init_std():
+    """None keeps the paper's fan-in rule for the decoder's input conv; a value sets its std."""
+    torch.manual_seed(0)
+    w = DiscreteVAE(DVAEConfig.tiny()).decoder.blocks.input.weight
+    assert abs(w.std().item() - 1 / math.sqrt(64)) < 0.02
+    torch.manual_seed(0)
+    cfg = DVAEConfig(**{**DVAEConfig.tiny().to_dict(), "codebook_init_std": 1.0})
+    w = DiscreteVAE(cfg).decoder.blocks.input.weight
+    assert abs(w.std().item() - 1.0) < 0.1
+    assert DVAEConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_auxiliary_mse_and_log_b_floor():
     m = _tiny(backend="torch")
     x = torch.rand(2, 3, 32, 32)

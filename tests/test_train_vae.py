@@ -211,3 +211,20 @@ def test_bad_arguments():
         common.choose_precision(torch.device("cpu"), "fp8")
     with pytest.raises(ValueError, match="fp16"):
         common.choose_precision(torch.device("cpu"), "fp16")
+
+
+def test_on_step_hook_sees_each_forward_before_its_backward(tmp_path):
+    seen = []
+
+    def hook(step, model, out, images, sched):
+        # before the backward: no gradient yet, and the hook may take its own from the live graph
+        assert all(p.grad is None for p in model.parameters())
+        g, = torch.autograd.grad(out["recon"], out["logits"], retain_graph=True)
+        assert g.shape == out["logits"].shape and torch.isfinite(g).all()
+        seen.append((step, images.shape[0], sched["tau"]))
+
+    cfg = TrainVAEConfig(**dict(TINY, steps=3, checkpoint_every=3, sample_every=3))
+    train_vae(str(tmp_path / "run"), cfg, progress=False, on_step=hook)
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    assert all(b == TINY["batch_size"] for _, b, _ in seen)
+    assert [t for _, _, t in seen] == [cfg.schedules(s)["tau"] for s in range(3)]

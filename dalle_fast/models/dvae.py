@@ -39,6 +39,8 @@ class DVAEConfig:
         n_init: decoder width after the 1x1 conv from the codes.
         eps: logit-Laplace pixel margin (map_pixels / unmap_pixels).
         min_log_b: floor on the decoder's ln b in the training loss (None: the paper's loss exactly).
+        codebook_init_std: std of the decoder's input conv (the codebook: one column per code) at
+            initialisation (None: the paper's rule, 1/sqrt(vocab_size)).
     """
     image_size: int = 256
     input_channels: int = 3
@@ -53,6 +55,9 @@ class DVAEConfig:
     # b -> 0 on the background keeps lowering the loss while the object pixels, at large b, get
     # little gradient. A floor bounds that and lets the objects be learnt.
     min_log_b: float = None
+    # The decoder's 1x1 input conv reads (near) one-hot codes, so each code's column is what the first
+    # layer sees: the paper's fan-in rule makes it 1/sqrt(vocab_size) small. None keeps that rule.
+    codebook_init_std: float = None
 
     def __post_init__(self):
         for name in ("image_size", "input_channels", "group_count", "n_hid", "n_blk_per_group",
@@ -259,6 +264,9 @@ class Decoder(nn.Module):
         super().__init__()
         n_layers = cfg.group_count * cfg.n_blk_per_group
         blocks = [("input", _fp32_conv(cfg.vocab_size, cfg.n_init, 1))]
+        if cfg.codebook_init_std is not None:
+            with torch.no_grad():
+                blocks[0][1].weight.normal_(std=cfg.codebook_init_std)
         n_in = cfg.n_init
         for g in range(cfg.group_count):
             width = 2 ** (cfg.group_count - 1 - g) * cfg.n_hid

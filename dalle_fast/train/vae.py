@@ -105,14 +105,16 @@ def _evaluate(model, images):
 
 
 def train_vae(out, cfg: TrainVAEConfig = None, model_config=None, dataset=None, resume=False,
-              stop_after=None, time_budget_s=None, progress=True, **overrides):
+              stop_after=None, time_budget_s=None, progress=True, on_step=None, **overrides):
     """Trains a dVAE into run directory `out`; returns a summary dict.
 
     cfg / overrides: TrainVAEConfig fields. model_config: a DVAEConfig or preset name (default
     cfg.config). dataset: any Dataset of (image, caption) (default: open_dataset(cfg.data)).
     resume: continue from the newest checkpoint in `out` (exact: same weights as an uninterrupted
     run). stop_after: stop after this many steps without a final checkpoint (simulates a kill).
-    time_budget_s: shrink cfg.steps after a few timed steps so the run ends within the budget."""
+    time_budget_s: shrink cfg.steps after a few timed steps so the run ends within the budget.
+    on_step: diagnostics hook, called as on_step(step, model, outputs, images, schedules) after each
+    forward and before its backward (it may take gradients with retain_graph=True; it must not step)."""
     cfg = dataclasses.replace(cfg or TrainVAEConfig(), **overrides)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
@@ -187,6 +189,8 @@ def train_vae(out, cfg: TrainVAEConfig = None, model_config=None, dataset=None, 
             g["lr"] = s["lr"]
         with common.autocast(device, precision):
             outd = model(images, tau=s["tau"], beta=s["beta"], mse_weight=s["mse_weight"])
+        if on_step is not None:
+            on_step(step, model, outd, images, s)
         loss = outd["loss"]
         ok = bool(torch.isfinite(loss))
         if ok:
