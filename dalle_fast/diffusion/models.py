@@ -52,7 +52,7 @@ def repeat_to(n, x):
 
 class PixelDiffusion(nn.Module):
     def __init__(self, unet_config: UNetConfig, schedule: NoiseSchedule = None, param="v", p_uncond=0.1,
-                 aug_level=0.2, text_encoder=None):
+                 aug_level=0.2, text_encoder=None, snr_gamma=None):
         super().__init__()
         check_parameterisation(param)
         if not 0 <= p_uncond < 1:
@@ -63,6 +63,9 @@ class PixelDiffusion(nn.Module):
         self.schedule = schedule or NoiseSchedule("cosine", 1000)
         self.param, self.p_uncond, self.aug_level = param, p_uncond, aug_level
         self.text_encoder = text_encoder  # the frozen encoder's name (Imagen), not part of the weights
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be > 0 or None, got {snr_gamma!r}")
+        self.snr_gamma = snr_gamma  # training only: Min-SNR-gamma loss weighting (None: plain MSE)
 
     @property
     def config(self):
@@ -74,7 +77,8 @@ class PixelDiffusion(nn.Module):
 
     def to_dict(self):
         return {"unet": self.config.to_dict(), "schedule": self.schedule.to_dict(), "param": self.param,
-                "p_uncond": self.p_uncond, "aug_level": self.aug_level, "text_encoder": self.text_encoder}
+                "p_uncond": self.p_uncond, "aug_level": self.aug_level, "text_encoder": self.text_encoder,
+                "snr_gamma": self.snr_gamma}
 
     def save_pretrained(self, directory):
         return save_module(self, directory, self.to_dict())
@@ -83,7 +87,7 @@ class PixelDiffusion(nn.Module):
     def from_pretrained(cls, directory, device="cpu"):
         cfg, weights = load_config_and_weights(directory)
         model = cls(UNetConfig.from_dict(cfg["unet"]), NoiseSchedule.from_dict(cfg["schedule"]), cfg["param"],
-                    cfg["p_uncond"], cfg["aug_level"], cfg.get("text_encoder"))
+                    cfg["p_uncond"], cfg["aug_level"], cfg.get("text_encoder"), cfg.get("snr_gamma"))
         model.load_state_dict(weights)
         return model.to(device).eval()
 
@@ -106,7 +110,11 @@ class PixelDiffusion(nn.Module):
             aug_t = torch.randint(0, self.max_aug_t() + 1, (B,), device=x0.device)
             low_res = self.schedule.q_sample(low_res, aug_t, torch.randn_like(low_res))
         pred = self.unet(x_t, t, cond, cond_mask, drop, low_res, aug_t)
-        return F.mse_loss(pred.float(), self.schedule.target(x0, noise, t, self.param).float())
+        target = self.schedule.target(x0, noise, t, self.param).float()
+        if self.snr_gamma is None:
+            return F.mse_loss(pred.float(), target)
+        per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+        return (per_sample * self.schedule.min_snr_weight(t, self.param, self.snr_gamma)).mean()
 
     @torch.no_grad()
     def sample(self, n, cond=None, cond_mask=None, low_res=None, aug_level=None, guidance=1.0, steps=50,

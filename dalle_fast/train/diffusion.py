@@ -50,19 +50,20 @@ def build_stage(args):
         from ..diffusion.text_encoder import load_text_encoder
         enc = load_text_encoder(args.text_encoder)
         model = PixelDiffusion(base_unet_config(enc.dim, base=args.width), schedule, args.param, args.p_uncond,
-                               text_encoder=args.text_encoder)
+                               text_encoder=args.text_encoder, snr_gamma=args.snr_gamma)
 
         def batch_loss(images, captions):
             tokens, mask = enc.encode(captions)
             return model.loss(to_model_space(images, DECODER_SIZE), tokens, mask)
     elif stage == "unclip":
         model = PixelDiffusion(base_unet_config(dim, embed_tokens=4, base=args.width), schedule, args.param,
-                               args.p_uncond)
+                               args.p_uncond, snr_gamma=args.snr_gamma)
 
         def batch_loss(images, captions):
             return model.loss(to_model_space(images, DECODER_SIZE), embedding_condition(clip.embed_images(images)))
     elif stage == "upsampler":
-        model = PixelDiffusion(upsampler_unet_config(base=args.width), schedule, args.param, 0.0, args.aug_level)
+        model = PixelDiffusion(upsampler_unet_config(base=args.width), schedule, args.param, 0.0, args.aug_level,
+                               snr_gamma=args.snr_gamma)
 
         def batch_loss(images, captions):
             return model.loss(to_model_space(images, UPSAMPLER_SIZE), low_res=to_model_space(images, DECODER_SIZE))
@@ -94,7 +95,8 @@ def run_training(args):
     dataset = open_dataset(args.data, image_size=UPSAMPLER_SIZE, seed=args.seed, length=args.length,
                            split=args.split)
     batches = common.ResumableBatches(dataset, args.batch_size, seed=args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # fused: one kernel over all parameters (about 20% of a small U-Net's step on this CPU, unfused)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     ema = common.EMA(model, decay=args.ema_decay) if args.ema_decay > 0 else None
     step = 0
     latest = common.ckpt.latest_checkpoint(args.run) if args.resume else None
@@ -155,6 +157,8 @@ def _common_args(p, width, lr, steps):
     p.add_argument("--width", type=int, default=width, help="U-Net base channels / prior transformer width")
     p.add_argument("--schedule", default="cosine", choices=("cosine", "linear"))
     p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--snr-gamma", type=float, default=None,
+                   help="U-Net stages: Min-SNR-gamma loss weighting (e.g. 5); default plain MSE")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time box: after 5 steps, shorten the run to fit this many minutes")
