@@ -206,7 +206,7 @@ def test_cli_generate_vary_interpolate(bundle, tmp_path, monkeypatch):
 
 def test_families_demo_with_the_bundled_models(tmp_path):
     from dalle_fast.demo import HELD_OUT, SEEN, run_families_demo
-    path, per_image = run_families_demo(out=str(tmp_path), num_images=1, steps=2, progress=False)
+    path, per_image = run_families_demo(out=str(tmp_path), num_images=1, steps=2, up_steps=2, progress=False)
     from PIL import Image
     with Image.open(path) as im:
         assert im.width > 3 * 64 and im.height > len(SEEN + HELD_OUT) * 64
