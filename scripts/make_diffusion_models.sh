@@ -28,12 +28,23 @@ CLI=("$PYTHON" -m dalle_fast.cli)
 COMMON=(--threads "$THREADS" --steps "$STEPS" --warmup 50 --ckpt-every 200)
 UNET=(--snr-gamma 5)
 
+# a stage whose export is already in WORK_DIR is not run again (rerun the script to finish a broken run)
+stage() {
+  local name=$1
+  shift
+  if [ -f "$WORK/$name/export/model.safetensors" ]; then
+    echo "$name: $WORK/$name/export exists, skipped"
+  else
+    "${CLI[@]}" "$@" --out "$WORK/$name"
+  fi
+}
+
 mkdir -p "$WORK"
 t0=$(date +%s)
-"${CLI[@]}" train-diffusion --model imagen --out "$WORK/imagen" --batch-size "$BATCH" --max-minutes "$IMAGEN_MIN" "${COMMON[@]}" "${UNET[@]}"
-"${CLI[@]}" train-diffusion --model unclip --out "$WORK/unclip_decoder" --batch-size "$BATCH" --max-minutes "$UNCLIP_MIN" "${COMMON[@]}" "${UNET[@]}"
-"${CLI[@]}" train-prior --out "$WORK/prior" --batch-size 64 --max-minutes "$PRIOR_MIN" "${COMMON[@]}"
-"${CLI[@]}" train-upsampler --out "$WORK/upsampler" --batch-size "$UP_BATCH" --max-minutes "$UP_MIN" "${COMMON[@]}" "${UNET[@]}"
+stage imagen train-diffusion --model imagen --batch-size "$BATCH" --max-minutes "$IMAGEN_MIN" "${COMMON[@]}" "${UNET[@]}"
+stage unclip_decoder train-diffusion --model unclip --batch-size "$BATCH" --max-minutes "$UNCLIP_MIN" "${COMMON[@]}" "${UNET[@]}"
+stage prior train-prior --batch-size 64 --max-minutes "$PRIOR_MIN" "${COMMON[@]}"
+stage upsampler train-upsampler --batch-size "$UP_BATCH" --max-minutes "$UP_MIN" "${COMMON[@]}" "${UNET[@]}"
 echo "trained in $(( $(date +%s) - t0 )) s"
 if [ -n "$DEST" ]; then
   mkdir -p "$DEST"

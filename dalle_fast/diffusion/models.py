@@ -3,7 +3,8 @@
 - `PixelDiffusion`: a U-Net denoiser with its schedule and parameterisation; one class for
   Imagen's text-conditional base model (cond = frozen-encoder tokens), unCLIP's decoder (cond = a
   CLIP image embedding made into tokens) and the super-resolution stage (low_res input with
-  noise-conditioning augmentation). Images live in [-1, 1].
+  noise-conditioning augmentation; with residual=True it diffuses the residual over the bilinear
+  upsampling of low_res). Images live in [-1, 1]. Training can weight the loss by Min-SNR-gamma.
 - `DiffusionPrior` (prior.py): CLIP text embedding -> CLIP image embedding.
 
 Each saves as a directory: config.json + model.safetensors (written atomically).
