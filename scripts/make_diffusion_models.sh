@@ -5,7 +5,8 @@
 #   2. train-diffusion --model unclip   32x32 decoder conditioned on the bundled CLIP's image embedding
 #   3. train-prior                      CLIP text embedding -> CLIP image embedding
 #   4. train-upsampler                  32 -> 64 super-resolution (noise-conditioning augmentation), shared
-# Each run is time-boxed (--max-minutes), so on a busy machine it takes fewer steps, not more time.
+# Each run is time-boxed (--max-minutes), so on a busy machine it takes fewer steps, not more time:
+# about 56 minutes of wall time with the defaults (1 thread; the bundle's numbers are in the README).
 # Usage: scripts/make_diffusion_models.sh [WORK_DIR]   (default build/diffusion_models)
 # The U-Net stages use Min-SNR-gamma loss weighting (gamma 5), which at this budget (about a thousand
 # steps per stage on a shared 2-core CPU) learned colour, size and shape much faster than plain MSE.
