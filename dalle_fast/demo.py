@@ -55,7 +55,7 @@ def run_text_to_image_demo(out="demo_out", num_images=8, keep=4, seed=0, progres
     return path
 
 
-def run_families_demo(out="demo_out", num_images=3, seed=0, steps=25, progress=True):
+def run_families_demo(out="demo_out", num_images=3, seed=0, steps=20, up_steps=10, progress=True):
     """The SEEN and HELD_OUT prompts from all three bundled families side by side in one PNG: per prompt
     a row of DALL-E | Imagen | unCLIP samples (64x64). Returns (path, {family: seconds per image})."""
     import torch
@@ -72,7 +72,7 @@ def run_families_demo(out="demo_out", num_images=3, seed=0, steps=25, progress=T
     per_image["dalle"] = (time.perf_counter() - t0) / (len(captions) * num_images)
     for family in ("imagen", "unclip"):
         t0 = time.perf_counter()
-        rows.append(load_pipeline(family).generate(captions, n=num_images, seed=seed, steps=steps, up_steps=steps,
+        rows.append(load_pipeline(family).generate(captions, n=num_images, seed=seed, steps=steps, up_steps=up_steps,
                                                    progress=progress))
         per_image[family] = (time.perf_counter() - t0) / (len(captions) * num_images)
     size = max(r.shape[-1] for r in rows)

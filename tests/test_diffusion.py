@@ -140,6 +140,27 @@ def test_unet_embedding_tokens_and_super_resolution():
     assert not torch.allclose(y, sr(x, t, low_res=lo, aug_t=torch.tensor([100, 100])))  # aug level conditions
 
 
+def test_min_snr_weight_is_min_snr_in_x0_terms():
+    """For every parameterisation, weight * ||target error||^2 is min(SNR, gamma) * ||x0 error||^2."""
+    sch = NoiseSchedule("cosine", 1000)
+    t = torch.tensor([0, 10, 300, 700, 999])
+    snr = sch.snr(t)
+    torch.testing.assert_close(snr, sch.alphas_cumprod[t] / (1 - sch.alphas_cumprod[t]))
+    x0, noise = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    x_t = sch.q_sample(x0, t, noise)
+    dx0 = 1e-3 * torch.randn_like(x0)  # a small error in x0, the prediction that implies it per param
+    a, s = sch.alpha_bar(t).sqrt().view(-1, 1, 1, 1), (1 - sch.alpha_bar(t)).sqrt().view(-1, 1, 1, 1)
+    for param in ("eps", "v", "x0"):
+        target = sch.target(x0, noise, t, param)
+        pred = sch.target(x0 + dx0, (x_t - a * (x0 + dx0)) / s, t, param)
+        w = sch.min_snr_weight(t, param, 5.0).double()
+        lhs = w * (pred - target).pow(2).flatten(1).sum(1)
+        rhs = snr.clamp(max=5.0) * dx0.pow(2).flatten(1).sum(1)
+        torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="gamma"):
+        sch.min_snr_weight(t, "v", 0.0)
+
+
 def test_slerp():
     a, b = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
     z = slerp(a, b, torch.linspace(0, 1, 5))

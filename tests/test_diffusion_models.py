@@ -122,6 +122,36 @@ def test_prior_keeps_best_candidate(monkeypatch):
         prior.sample(torch.randn(3, 5))
 
 
+def test_residual_upsampler_starts_at_bilinear_and_learns_the_residual():
+    torch.manual_seed(0)
+    cfg = dict(image_size=32, base=8, mults=(1, 2), res_blocks=(1, 1), attn_levels=(), low_res_channels=3, patch=2)
+    up = PixelDiffusion(UNetConfig(**cfg), param="x0", residual=True, snr_gamma=5.0).eval()
+    low = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = up.sample(2, low_res=low, steps=3, threshold="static", generator=torch.Generator().manual_seed(0))
+    # the output layer starts at zero: an x0-predicting residual model returns the bilinear upsampling
+    torch.testing.assert_close(out, up.upsampled(low, 32))
+    hi = torch.rand(2, 3, 32, 32) * 2 - 1
+    up.train()
+    loss = up.loss(hi, low_res=low)
+    assert loss.ndim == 0 and loss.item() > 0
+    captured = {}
+    up.schedule.target = lambda x0, noise, t, param: captured.setdefault("x0", x0)
+    up.loss(hi, low_res=low)
+    torch.testing.assert_close(captured["x0"], hi - up.upsampled(low, 32))  # the residual is diffused
+    with pytest.raises(ValueError, match="residual"):
+        PixelDiffusion(UNetConfig(image_size=16, base=8, mults=(1, 2), res_blocks=(1, 1)), residual=True)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        PixelDiffusion(UNetConfig(**cfg), snr_gamma=-1.0)
+
+
+def test_time_box_refits_to_the_pace():
+    from dalle_fast.train.common import time_box_steps
+    assert time_box_steps(5, 5, 10.0, 1, 20000) == 30          # 2 s/step, 50 s left: 25 more
+    assert time_box_steps(100, 100, 30.0, 1, 20000) == 200     # 0.3 s/step, 30 s left
+    assert time_box_steps(100, 100, 70.0, 1, 20000) == 100     # over the box: stop now
+    assert time_box_steps(5, 5, 0.5, 10, 50) == 50             # never beyond the upper bound
+
+
 # ---- trainers and command line ---------------------------------------------------------------------
 def _cli(*argv):
     from dalle_fast.cli import main
@@ -176,7 +206,7 @@ def test_cli_generate_vary_interpolate(bundle, tmp_path, monkeypatch):
 
 def test_families_demo_with_the_bundled_models(tmp_path):
     from dalle_fast.demo import HELD_OUT, SEEN, run_families_demo
-    path, per_image = run_families_demo(out=str(tmp_path), num_images=1, steps=2, progress=False)
+    path, per_image = run_families_demo(out=str(tmp_path), num_images=1, steps=2, up_steps=2, progress=False)
     from PIL import Image
     with Image.open(path) as im:
         assert im.width > 3 * 64 and im.height > len(SEEN + HELD_OUT) * 64

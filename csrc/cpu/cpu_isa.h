@@ -8,6 +8,13 @@
 
 #include <string>
 
+// A loop body for with_cpu_isa: always inlined, so it is compiled for the ISA of its caller.
+#if defined(__GNUC__)
+#define DF_INLINE inline __attribute__((always_inline))
+#else
+#define DF_INLINE inline
+#endif
+
 namespace dalle_fast {
 
 enum class CpuIsa { kDefault, kAvx2, kAvx512 };

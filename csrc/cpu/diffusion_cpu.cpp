@@ -35,12 +35,6 @@
 #define DF_HAVE_AVX2_PHILOX 1
 #endif
 
-#if defined(__GNUC__)
-#define DF_INLINE inline __attribute__((always_inline))
-#else
-#define DF_INLINE inline
-#endif
-
 namespace dalle_fast {
 namespace diffusion {
 
@@ -275,6 +269,75 @@ __attribute__((target("avx2,fma"), always_inline)) inline void mulhilo(__m256i a
   *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
 }
 
+// Box-Muller of 8 lanes in AVX2: radius words br, angle words ba -> (r cos 2 pi t, r sin 2 pi t).
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 uniform_open_avx2(__m256i bits) {
+  const __m256 k = _mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 9));
+  return _mm256_mul_ps(_mm256_add_ps(k, _mm256_set1_ps(0.5f)), _mm256_set1_ps(1.0f / 8388608.0f));
+}
+
+// noise_log (gumbel_softmax.h) lane-wise, the same Cephes steps.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 noise_log_avx2(__m256 x) {
+  const __m256i b = _mm256_castps_si256(x);
+  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(126));  // x > 0: no sign bit
+  const __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x007fffff)),
+                                                       _mm256_set1_epi32(0x3f000000)));
+  const __m256 low = _mm256_cmp_ps(m, _mm256_set1_ps(0.70710678118654752f), _CMP_LT_OQ);
+  e = _mm256_add_epi32(e, _mm256_castps_si256(low));  // low lanes are all ones: e - 1
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 f = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(low, m)), one);
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.1514610310e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+  const __m256 fe = _mm256_cvtepi32_ps(e);
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);
+  y = _mm256_fmadd_ps(_mm256_set1_ps(-2.12194440e-4f), fe, y);
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+  return _mm256_fmadd_ps(_mm256_set1_ps(0.693359375f), fe, _mm256_add_ps(f, y));
+}
+
+// sincos_2pi (diffusion.h) lane-wise.
+__attribute__((target("avx2,fma"), always_inline)) inline void sincos_2pi_avx2(__m256 t, __m256* c_out,
+                                                                             __m256* s_out) {
+  const __m256 v = _mm256_mul_ps(_mm256_set1_ps(4.0f), t);
+  const __m256i qi = _mm256_cvttps_epi32(_mm256_add_ps(v, _mm256_set1_ps(0.5f)));
+  const __m256 x = _mm256_mul_ps(_mm256_sub_ps(v, _mm256_cvtepi32_ps(qi)), _mm256_set1_ps(1.57079632679489662f));
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 ps = _mm256_fmadd_ps(z, _mm256_set1_ps(-1.9515295891e-4f), _mm256_set1_ps(8.3321608736e-3f));
+  ps = _mm256_fmadd_ps(z, ps, _mm256_set1_ps(-1.6666654611e-1f));
+  const __m256 sn = _mm256_fmadd_ps(_mm256_mul_ps(x, z), ps, x);
+  __m256 pc = _mm256_fmadd_ps(z, _mm256_set1_ps(2.443315711809948e-5f), _mm256_set1_ps(-1.388731625493765e-3f));
+  pc = _mm256_fmadd_ps(z, pc, _mm256_set1_ps(4.166664568298827e-2f));
+  const __m256 cs = _mm256_fmadd_ps(_mm256_mul_ps(z, z), pc, _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z,
+                                                                             _mm256_set1_ps(1.0f)));
+  const __m256i k = _mm256_and_si256(qi, _mm256_set1_epi32(3));
+  const __m256 odd = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(k, _mm256_set1_epi32(1)),
+                                                            _mm256_set1_epi32(1)));
+  const __m256 c1 = _mm256_blendv_ps(cs, sn, odd), s1 = _mm256_blendv_ps(sn, cs, odd);
+  // cos negated in quadrants 1 and 2 (bit 1 of k + 1), sin in 2 and 3 (bit 1 of k): sign bit = bit 1 << 30
+  const __m256i neg_c = _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(k, _mm256_set1_epi32(1)),
+                                                           _mm256_set1_epi32(2)), 30);
+  const __m256i neg_s = _mm256_slli_epi32(_mm256_and_si256(k, _mm256_set1_epi32(2)), 30);
+  *c_out = _mm256_xor_ps(c1, _mm256_castsi256_ps(neg_c));
+  *s_out = _mm256_xor_ps(s1, _mm256_castsi256_ps(neg_s));
+}
+
+// The two normals of 8 Box-Muller pairs: out_c[i] = r cos, out_s[i] = r sin.
+__attribute__((target("avx2,fma"), always_inline)) inline void box_muller_avx2(__m256i br, __m256i ba, float* out_c,
+                                                                             float* out_s) {
+  const __m256 r = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), noise_log_avx2(uniform_open_avx2(br))));
+  __m256 c, s;
+  sincos_2pi_avx2(uniform_open_avx2(ba), &c, &s);
+  _mm256_storeu_ps(out_c, _mm256_mul_ps(r, c));
+  _mm256_storeu_ps(out_s, _mm256_mul_ps(r, s));
+}
+
 __attribute__((target("avx2,fma"))) void normal_block_avx2(PhiloxKey key, uint32_t offset, uint64_t block,
                                                             float* out) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -300,14 +363,12 @@ __attribute__((target("avx2,fma"))) void normal_block_avx2(PhiloxKey key, uint32
       x3[h] = lo0;
     }
   }
-  alignas(64) uint32_t w0[16], w1[16], w2[16], w3[16];
+  // Box-Muller straight from the registers: word pair (0, 1) gives elements j and 16 + j, pair (2, 3)
+  // elements 32 + j and 48 + j (j = 8 h .. 8 h + 7)
   for (int h = 0; h < 2; ++h) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w0 + 8 * h), x0[h]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w1 + 8 * h), x1[h]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w2 + 8 * h), x2[h]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(w3 + 8 * h), x3[h]);
+    box_muller_avx2(x0[h], x1[h], out + 8 * h, out + 16 + 8 * h);
+    box_muller_avx2(x2[h], x3[h], out + 32 + 8 * h, out + 48 + 8 * h);
   }
-  box_muller_block(w0, w1, w2, w3, out);
 }
 #endif
 

@@ -35,13 +35,8 @@
 #include "dalle_fast/gumbel_softmax.h"
 #include "dalle_fast/gumbel_softmax_checks.h"
 
-// The hot loops below are always-inline and reached through with_cpu_isa (cpu_isa.h), which
+// The hot loops below are DF_INLINE and reached through with_cpu_isa (cpu_isa.h), which
 // compiles them for AVX-512, AVX2 and the baseline and picks one at run time.
-#if defined(__GNUC__)
-#define DF_INLINE inline __attribute__((always_inline))
-#else
-#define DF_INLINE inline
-#endif
 
 namespace dalle_fast {
 namespace {

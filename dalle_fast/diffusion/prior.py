@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import load_config_and_weights, repeat_to, save_module
+from .models import batch_part, load_config_and_weights, repeat_to, save_module
 from .sampling import sample
 from .schedule import NoiseSchedule
 from .unet import timestep_embedding
@@ -67,14 +67,15 @@ class DiffusionPrior(nn.Module):
                               self.z_in(z_t), self.query.expand(z_t.shape[0], -1)], dim=1) + self.pos
         return self.out(self.norm(self.transformer(tokens)[:, -1]))
 
-    def loss(self, image_emb, text_emb):
-        """MSE of the predicted clean embedding (x0-parameterisation) on unit embeddings (B, dim)."""
+    def loss(self, image_emb, text_emb, part=None):
+        """MSE of the predicted clean embedding (x0-parameterisation) on unit embeddings (B, dim);
+        part: the rows of a data-parallel global batch these are (models.batch_part)."""
         self._check("image_emb", image_emb)
         x0 = image_emb * self.dim ** 0.5
-        B = x0.shape[0]
-        t = torch.randint(0, self.schedule.timesteps, (B,), device=x0.device)
-        z_t = self.schedule.q_sample(x0, t, torch.randn_like(x0))
-        drop = torch.rand(B, device=x0.device) < self.p_uncond
+        lo, hi, B = batch_part(part, x0.shape[0])
+        t = torch.randint(0, self.schedule.timesteps, (B,), device=x0.device)[lo:hi]
+        z_t = self.schedule.q_sample(x0, t, torch.randn((B, self.dim), dtype=x0.dtype, device=x0.device)[lo:hi])
+        drop = (torch.rand(B, device=x0.device) < self.p_uncond)[lo:hi]
         return F.mse_loss(self(z_t, t, text_emb, drop), x0)
 
     @torch.no_grad()

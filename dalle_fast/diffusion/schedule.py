@@ -91,6 +91,24 @@ class NoiseSchedule:
         a, s = self._coeffs(t, x0)
         return a * noise - s * x0
 
+    def snr(self, t):
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at integer steps t (float64)."""
+        ab = self.alpha_bar(t)
+        return ab / (1 - ab)
+
+    def min_snr_weight(self, t, param, gamma):
+        """Per-sample weights (B,) of the MSE against `param`'s target that make the loss
+        min(SNR, gamma) * ||x0 - x0_hat||^2 (Min-SNR-gamma, Hang et al. 2023): the nearly clean steps,
+        where the x0 error is cheap to shrink, stop dominating the gradient. eps's MSE is SNR times x0's,
+        v's is (SNR + 1) times x0's, x0's is x0's."""
+        check_parameterisation(param)
+        if not gamma > 0:
+            raise ValueError(f"min-SNR gamma must be > 0, got {gamma!r}")
+        snr = self.snr(t)
+        w = snr.clamp(max=gamma)
+        w = w / snr if param == "eps" else (w / (snr + 1) if param == "v" else w)
+        return w.float()
+
     def predict_x0_eps(self, pred, x_t, t, param):
         """(x0, eps) implied by a model output `pred` at x_t, step t."""
         check_parameterisation(param)

@@ -28,6 +28,15 @@ def cosine(step, total, start, end):
     return float(end + (start - end) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def time_box_steps(step, steps_done, elapsed_s, max_minutes, upper):
+    """The total step count that fits a run into `max_minutes` of wall time at the pace so far
+    (`steps_done` steps of this process in `elapsed_s` seconds), never beyond `upper` nor below
+    `step`. Called again as the run goes, so a machine whose load rises mid-run shortens it."""
+    per_step = elapsed_s / max(1, steps_done)
+    fit = step + int((max_minutes * 60 - elapsed_s) / per_step)
+    return max(step, min(upper, fit))
+
+
 def scaled_steps(paper_steps, paper_total, total, minimum=1):
     """A schedule length of the paper (e.g. 150,000 of 3M updates) scaled to a run of `total`."""
     return max(minimum, round(total * paper_steps / paper_total))

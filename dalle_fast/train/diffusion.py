@@ -37,7 +37,9 @@ def upsampler_unet_config(base=16):
 
 
 def build_stage(args):
-    """(model, batch_loss(images, captions) -> loss) of the stage args.stage names."""
+    """(model, batch_loss(images, captions, loss=None, part=None) -> loss) of the stage args.stage names:
+    `loss` is what computes the model's loss (model.loss, or its DDP wrapper's call), `part` the rows of
+    the global batch that images / captions are (models.batch_part)."""
     from ..diffusion import DiffusionPrior, NoiseSchedule, PixelDiffusion
     from ..diffusion.pipelines import embedding_condition, to_model_space
     schedule = NoiseSchedule(args.schedule, args.timesteps)
@@ -50,42 +52,75 @@ def build_stage(args):
         from ..diffusion.text_encoder import load_text_encoder
         enc = load_text_encoder(args.text_encoder)
         model = PixelDiffusion(base_unet_config(enc.dim, base=args.width), schedule, args.param, args.p_uncond,
-                               text_encoder=args.text_encoder)
+                               text_encoder=args.text_encoder, snr_gamma=args.snr_gamma)
 
-        def batch_loss(images, captions):
+        def batch_loss(images, captions, loss=None, part=None):
             tokens, mask = enc.encode(captions)
-            return model.loss(to_model_space(images, DECODER_SIZE), tokens, mask)
+            return (loss or model.loss)(to_model_space(images, DECODER_SIZE), tokens, mask, part=part)
     elif stage == "unclip":
         model = PixelDiffusion(base_unet_config(dim, embed_tokens=4, base=args.width), schedule, args.param,
-                               args.p_uncond)
+                               args.p_uncond, snr_gamma=args.snr_gamma)
 
-        def batch_loss(images, captions):
-            return model.loss(to_model_space(images, DECODER_SIZE), embedding_condition(clip.embed_images(images)))
+        def batch_loss(images, captions, loss=None, part=None):
+            return (loss or model.loss)(to_model_space(images, DECODER_SIZE),
+                                        embedding_condition(clip.embed_images(images)), part=part)
     elif stage == "upsampler":
-        model = PixelDiffusion(upsampler_unet_config(base=args.width), schedule, args.param, 0.0, args.aug_level)
+        model = PixelDiffusion(upsampler_unet_config(base=args.width), schedule, args.param, 0.0, args.aug_level,
+                               snr_gamma=args.snr_gamma, residual=args.residual)
 
-        def batch_loss(images, captions):
-            return model.loss(to_model_space(images, UPSAMPLER_SIZE), low_res=to_model_space(images, DECODER_SIZE))
+        def batch_loss(images, captions, loss=None, part=None):
+            return (loss or model.loss)(to_model_space(images, UPSAMPLER_SIZE),
+                                        low_res=to_model_space(images, DECODER_SIZE), part=part)
     elif stage == "prior":
         model = DiffusionPrior(dim, width=args.width, layers=args.layers, timesteps=args.timesteps,
                                p_uncond=args.p_uncond)
 
-        def batch_loss(images, captions):
-            return model.loss(clip.embed_images(images), clip.embed_texts(captions))
+        def batch_loss(images, captions, loss=None, part=None):
+            return (loss or model.loss)(clip.embed_images(images), clip.embed_texts(captions), part=part)
     else:
         raise ValueError(f"unknown stage {stage!r}")
     return model, batch_loss
 
 
-def run_training(args):
-    """Trains the stage of `args` (see register); returns the export directory."""
-    from ..data import open_dataset
-    from ..viz import plot_curves
+class _Loss(torch.nn.Module):
+    """model.loss as a module's forward, so that DDP (which wraps forward) syncs its gradients; the
+    checkpoints hold the model itself."""
 
-    torch.manual_seed(args.seed)
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kw):
+        return self.model.loss(*args, **kw)
+
+
+def run_training(args):
+    """Trains the stage of `args` (see register); returns the export directory. Under torchrun
+    (WORLD_SIZE > 1, --shard ddp) every process runs this, as train-dalle's do: --batch-size is the
+    global batch, each rank computes the loss of its slice with the randomness of the whole batch (so N
+    processes take the steps one would), and rank 0 writes logs, checkpoints and the export."""
+    from ..distributed import launch, sharding
+
+    rank, world, _ = launch.env_world()
+    sharding.check_world(args.shard, world, batch_size=args.batch_size)
     device = common.choose_device(args.device)
     if device.type != "cpu":
         raise ValueError("the diffusion trainers run on the CPU for now (their frozen encoders are CPU-side)")
+    launch.init_from_env(device.type, timeout_s=args.dist_timeout)
+    try:
+        return _train(args, rank, world, device)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, rank, world, device):
+    from ..data import open_dataset
+    from ..distributed import launch, sharding
+    from ..viz import plot_curves
+
+    torch.manual_seed(args.seed)
+    lead = rank == 0
     model, batch_loss = build_stage(args)
     if args.init:  # continue from an exported model's weights (a fresh optimizer and schedule)
         from ..diffusion.models import load_config_and_weights
@@ -94,7 +129,8 @@ def run_training(args):
     dataset = open_dataset(args.data, image_size=UPSAMPLER_SIZE, seed=args.seed, length=args.length,
                            split=args.split)
     batches = common.ResumableBatches(dataset, args.batch_size, seed=args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # fused: one kernel over all parameters (about 20% of a small U-Net's step on this CPU, unfused)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     ema = common.EMA(model, decay=args.ema_decay) if args.ema_decay > 0 else None
     step = 0
     latest = common.ckpt.latest_checkpoint(args.run) if args.resume else None
@@ -103,9 +139,11 @@ def run_training(args):
         step, args.steps = meta["step"], meta.get("total_steps", args.steps)
         batches.load_state(meta["data"])
     log = common.MetricLog(args.run, ["step", "loss", "lr", "grad_norm", "skipped"],
-                           resume_step=step if latest else None)
-    bar = common.Progress(args.steps, initial=step, enabled=not args.quiet, desc=f"train-{args.stage}")
-    skipped, t_start, step_start = 0, time.perf_counter(), step
+                           resume_step=step if latest else None) if lead else None
+    bar = common.Progress(args.steps, initial=step, enabled=lead and not args.quiet, desc=f"train-{args.stage}")
+    skipped, t_start, step_start, upper_steps = 0, time.perf_counter(), step, args.steps
+    par = sharding.Parallel(_Loss(model), args.shard, device) if world > 1 else None
+    local = args.batch_size // world
     model.train()
     try:
         while step < (min(args.steps, args.stop_at) if args.stop_at else args.steps):
@@ -114,31 +152,52 @@ def run_training(args):
                 common.cosine(step - args.warmup, max(1, args.steps - args.warmup), args.lr, args.lr * 0.1)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = batch_loss(images, captions)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with launch.guard_collectives(f"training step {step + 1}"):
+                if par is None:
+                    loss = batch_loss(images, captions)
+                else:  # this rank's slice of the global batch; DDP averages the gradients
+                    lo, hi = rank * local, (rank + 1) * local
+                    loss = batch_loss(images[lo:hi], captions[lo:hi], loss=par.model,
+                                      part=(lo, hi, args.batch_size))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                loss_v = loss.detach().clone()
+                if par is not None:  # the logged loss is the global batch's
+                    torch.distributed.all_reduce(loss_v)
+                    loss_v /= world
+            loss_v = loss_v.item()
             norm, finite = common.clip_gradients(model.parameters(), args.clip_grad)
             if finite:
                 opt.step()
             else:
                 skipped += 1
             step += 1
-            if args.max_minutes and step - step_start == 5:
-                per_step = (time.perf_counter() - t_start) / 5
-                fit = step + int((args.max_minutes * 60 - (time.perf_counter() - t_start)) / per_step)
-                args.steps = max(step, min(args.steps, fit))
+            done = step - step_start
+            if args.max_minutes and (done == 5 or (done > 5 and done % 20 == 0)):
+                # re-fitted every 20 steps: on a shared machine the pace changes as others' jobs come and go
+                fit = torch.tensor(common.time_box_steps(step, done, time.perf_counter() - t_start,
+                                                         args.max_minutes, upper_steps))
+                if par is not None:  # every rank stops at the same step
+                    torch.distributed.all_reduce(fit, op=torch.distributed.ReduceOp.MIN)
+                args.steps = int(fit)
                 bar.bar.total = args.steps
             if ema is not None:
                 ema.update(model, step)
-            bar.update(1, loss=loss.item(), lr=lr)
-            if step % args.log_every == 0 or step == args.steps:
-                log.log({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": norm, "skipped": skipped})
+            bar.update(1, loss=loss_v, lr=lr)
+            if lead and (step % args.log_every == 0 or step == args.steps):
+                log.log({"step": step, "loss": loss_v, "lr": lr, "grad_norm": norm, "skipped": skipped})
             if args.ckpt_every and (step % args.ckpt_every == 0 or step in (args.steps, args.stop_at)):
-                common.save_training_state(args.run, step, model, ema, opt,
-                                           {"stage": args.stage, "data": batches.state(), "total_steps": args.steps},
-                                           keep=args.keep_checkpoints)
+                if lead:
+                    common.save_training_state(args.run, step, model, ema, opt,
+                                               {"stage": args.stage, "data": batches.state(),
+                                                "total_steps": args.steps}, keep=args.keep_checkpoints)
+                if par is not None:  # no rank runs ahead of (or resumes before) the checkpoint
+                    with launch.guard_collectives(f"waiting for rank 0 to write the checkpoint of step {step}"):
+                        torch.distributed.barrier()
     finally:
         bar.close()
+    if not lead:
+        return None
     log.write_json({"steps": step, "final_loss": log.rows[-1]["loss"] if log.rows else None, "skipped": skipped,
                     "seconds": time.perf_counter() - t_start})
     if log.rows:
@@ -155,9 +214,11 @@ def _common_args(p, width, lr, steps):
     p.add_argument("--width", type=int, default=width, help="U-Net base channels / prior transformer width")
     p.add_argument("--schedule", default="cosine", choices=("cosine", "linear"))
     p.add_argument("--timesteps", type=int, default=1000)
+    p.add_argument("--snr-gamma", type=float, default=None,
+                   help="U-Net stages: Min-SNR-gamma loss weighting (e.g. 5); default plain MSE")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--max-minutes", type=float, default=None,
-                   help="time box: after 5 steps, shorten the run to fit this many minutes")
+                   help="time box: from 5 steps on, fit the run (and its LR schedule) into this many minutes")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=lr)
     p.add_argument("--warmup", type=int, default=100)
@@ -172,6 +233,9 @@ def _common_args(p, width, lr, steps):
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps of the --steps schedule; --resume continues")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--shard", default="none", choices=("none", "ddp"),
+                   help="data parallelism under torchrun (gloo): ddp, or none for one process")
+    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds before a collective gives up")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -195,9 +259,13 @@ def register(subparsers):
     p = subparsers.add_parser("train-upsampler", formatter_class=fmt,
                               help="train the 32->64 super-resolution diffusion model "
                                    "(noise-conditioning augmentation)")
-    p.add_argument("--param", default="v", choices=("eps", "v", "x0"))
+    # x0 + residual: an untrained model (zero output layer) returns the bilinear upsampling, and what it
+    # learns adds edges; v or eps on the image itself made short runs add noise (README)
+    p.add_argument("--param", default="x0", choices=("eps", "v", "x0"))
     p.add_argument("--aug-level", type=float, default=0.2,
                    help="largest noise level (fraction of the schedule) applied to the low-res input in training")
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="diffuse the residual over the bilinear upsampling of the low-res input")
     p.set_defaults(stage="upsampler", p_uncond=0.0)
     _common_args(p, 16, 1e-3, 2000)
     p = subparsers.add_parser("train-prior", formatter_class=fmt,
@@ -211,5 +279,6 @@ def register(subparsers):
 
 def _cmd(args):
     out = run_training(args)
-    print(f"exported the {args.stage} model to {out}")
+    if out is not None:
+        print(f"exported the {args.stage} model to {out}")
     return 0
