@@ -1,5 +1,6 @@
 """tune-vae-decoder (dalle_fast.train.vae_decoder): the decoder learns, the encoder and so every image's tokens
-stay exactly as they were, limits and bad arguments; and scripts/dvae_ceiling.py (the judge on reconstructions)."""
+stay exactly as they were, limits and bad arguments; scripts/dvae_ceiling.py (the judge on reconstructions) and
+scripts/bundle_step_cost.py."""
 import importlib.util
 import os
 
@@ -78,3 +79,12 @@ def test_ceiling_script_judges_reconstructions(tmp_path, capsys):
     assert mod.main([str(tmp_path / "v"), "--count", "8"]) == 0
     out = capsys.readouterr().out
     assert "ground truth" in out and str(tmp_path / "v")[-40:] in out
+
+
+def test_step_cost_script_times_both_grids(capsys):
+    spec = importlib.util.spec_from_file_location("bundle_step_cost", os.path.join(ROOT, "scripts", "bundle_step_cost.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--batch", "1", "--steps", "1", "--dim", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "8x8 image tokens" in out and "16x16 image tokens" in out
