@@ -88,3 +88,10 @@ def test_step_cost_script_times_both_grids(capsys):
     assert mod.main(["--batch", "1", "--steps", "1", "--dim", "64"]) == 0
     out = capsys.readouterr().out
     assert "8x8 image tokens" in out and "16x16 image tokens" in out
+
+
+def test_small16_preset_gives_a_16x16_grid():
+    cfg = DVAEConfig.named("small16")
+    assert (cfg.image_size, cfg.tokens_per_side, cfg.vocab_size) == (64, 16, 512)
+    vae = DiscreteVAE(cfg)
+    assert vae.encode(_images(2, seed=1).repeat(1, 1, 2, 2)).shape == (2, 16, 16)
