@@ -16,7 +16,8 @@
 # Every size is an environment variable so that tests/test_bundled.py can run a shortened version:
 #   VAE_STEPS VAE_BATCH TUNE_STEPS TUNE_MINUTES DALLE_STEPS DALLE_MINUTES CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
 # A step whose output is already in WORK_DIR (dVAE, tuned decoder, CLIP, transformer export) is not run again.
-# CPU time with the defaults: 28 minutes from scratch in one run (1 thread; README).
+# CPU time with the defaults: about an hour from scratch in one run (1 thread; README: 28 minutes before the
+# decoder tuning step, which took 30 minutes on a loaded machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,8 +25,8 @@ WORK=${1:-build/bundled_model}
 PYTHON=${PYTHON:-.venv/bin/python}
 VAE_STEPS=${VAE_STEPS:-1500}
 VAE_BATCH=${VAE_BATCH:-8}
-TUNE_STEPS=${TUNE_STEPS:-5000}   # decoder tuning (batch 16), time-boxed by TUNE_MINUTES ('' = none)
-TUNE_MINUTES=${TUNE_MINUTES-20}
+TUNE_STEPS=${TUNE_STEPS:-3000}   # decoder tuning (batch 16), time-boxed by TUNE_MINUTES ('' = none)
+TUNE_MINUTES=${TUNE_MINUTES-45}
 DALLE_STEPS=${DALLE_STEPS:-8000}
 DALLE_MINUTES=${DALLE_MINUTES-35} # time box of the transformer's run (fewer steps on a busy machine; '' = none)
 CLIP_STEPS=${CLIP_STEPS:-600}
