@@ -96,9 +96,9 @@ class DVAEConfig:
 
     @classmethod
     def small16(cls):
-        """64x64 -> 16x16 tokens of 512 codes (4x4 pixels a token): the bundled Shapes model's dVAE. An
-        8x8 grid gives a small Shapes object (14 pixels) two or three tokens a side and loses its shape
-        (scripts/dvae_ceiling.py); this grid keeps it, for 4x the transformer's image tokens.
+        """64x64 -> 16x16 tokens of 512 codes (4x4 pixels a token). An 8x8 grid gives a small Shapes
+        object (14 pixels) two or three tokens a side and loses much of its shape (scripts/dvae_ceiling.py);
+        this grid keeps more of it, for 4x the transformer's image tokens (not yet the bundle's: README).
 
         Returns:
             A DVAEConfig.
