@@ -7,6 +7,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "dalle_fast.demo",          # demo
     "dalle_fast.train.vae",     # train-vae
+    "dalle_fast.train.vae_decoder",  # tune-vae-decoder
     "dalle_fast.tokenizer",     # train-tokenizer
     "dalle_fast.train.dalle",   # train-dalle
     "dalle_fast.train.clip",    # train-clip

@@ -66,7 +66,7 @@ def test_generate_command_without_checkpoint_uses_the_bundle(tmp_path):
 
 def test_bundle_script_end_to_end_shortened(tmp_path):
     """The real script with tiny step counts: tokenizer, dVAE, transformer, CLIP, export, grid."""
-    env = dict(os.environ, VAE_STEPS="2", DALLE_STEPS="3", DALLE_MINUTES="", CLIP_STEPS="2", LENGTH="64", BATCH="8",
+    env = dict(os.environ, VAE_STEPS="2", TUNE_STEPS="2", DALLE_STEPS="3", DALLE_MINUTES="", CLIP_STEPS="2", LENGTH="64", BATCH="8",
                N_SAMPLES="2", KEEP="1", DEST="", GRID=str(tmp_path / "grid.png"), PYTHON=sys.executable)
     before = _asset_digests()
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "make_bundled_model.sh"), str(tmp_path / "work")],

@@ -276,7 +276,7 @@ def register(subparsers):
     p.add_argument("--out", required=True, help="run directory (checkpoints, samples, metrics, model/)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--config", default=d.config, choices=["small", "paper", "tiny"], help="dVAE size preset")
+    p.add_argument("--config", default=d.config, choices=["small", "small16", "paper", "tiny"], help="dVAE size preset")
     p.add_argument("--lr", type=float, default=d.lr, help="peak step size (the paper: 1e-4 at batch 512)")
     p.add_argument("--beta", type=float, default=d.beta, help="target KL weight")
     p.add_argument("--mse-weight", type=float, default=d.mse_weight,
