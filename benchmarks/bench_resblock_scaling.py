@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import Recorder, measure  # noqa: E402
+from benchmarks.common import RESULTS, Recorder, measure, wants_csv  # noqa: E402
 from dalle_fast.amp import ResblockGradScaler, ScaledBranch  # noqa: E402
 from dalle_fast.ops.resblock_scaling import resblock_grad_scale, resblock_unscale_grads_  # noqa: E402
 
@@ -194,7 +194,8 @@ def demo(args):
     ax2.set_title("training")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(ROOT, "docs", "resblock_scales.png")
+    # a --quick run (run_all.py --quick) draws into its results folder, never over the committed figure
+    path = os.path.join(RESULTS if args.quick else os.path.join(ROOT, "docs"), "resblock_scales.png")
     if not args.no_write:
         fig.savefig(path, dpi=110)
         print("plot ->", path)
@@ -272,7 +273,13 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-write", action="store_true", help="print only (no CSV rows, no PNG)")
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized run (run_all.py --quick): both parts, a 60-update demo; writes only into the "
+                        "folder DALLE_FAST_BENCH_RESULTS names")
     args = p.parse_args(argv)
+    if args.quick:
+        args.part, args.steps, args.eval_every = "all", min(args.steps, 60), min(args.eval_every, 10)
+        args.no_write = args.no_write or not wants_csv(True)
     torch.set_num_threads(args.threads)
     if args.part in ("demo", "all"):
         demo(args)

@@ -48,3 +48,17 @@ def test_section_from_rows(tmp_path):
     assert readme.read_text().startswith("# x\n\n" + report.BEGIN) and readme.read_text().endswith("\n\nrest\n")
     with pytest.raises(ValueError, match="markers"):
         report.replace_section("no markers here", text)
+
+
+def test_every_bench_script_takes_quick():
+    """run_all.py --quick passes --quick to every bench_*.py; a script without the flag fails make bench-quick
+    (bench_resblock_scaling.py did, found by running make bench-quick end to end)."""
+    import glob
+    import os
+    import re
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    scripts = sorted(glob.glob(os.path.join(here, "bench_*.py")))
+    assert len(scripts) >= 10
+    for path in scripts:
+        src = open(path).read()
+        assert re.search(r"""["']--quick["']|bench_parser\(""", src), f"{os.path.basename(path)} has no --quick flag"
