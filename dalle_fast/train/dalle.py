@@ -238,9 +238,8 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
             step += 1
             if args.max_minutes and step - step_start == 5:
                 # a time-boxed run: shrink the run (and its LR schedule) to what fits in the budget
-                per_step = (time.perf_counter() - t_start) / 5
-                fit = step + int((args.max_minutes * 60 - (time.perf_counter() - t_start)) / per_step)
-                fit = torch.tensor(max(step, min(args.steps, fit)))
+                fit = torch.tensor(common.time_box_steps(step, 5, time.perf_counter() - t_start,
+                                                         args.max_minutes, args.steps))
                 if world > 1:  # every rank must stop at the same step
                     torch.distributed.all_reduce(fit, op=torch.distributed.ReduceOp.MIN)
                 args.steps = sched.total = int(fit)
