@@ -18,6 +18,8 @@ import zipfile
 import pytest
 import torch
 
+import dalle_fast
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -75,11 +77,17 @@ def test_wheel_installs_into_a_new_venv_and_runs(tmp_path):
     path, torch_version, backends = where.stdout.split()
     assert path.startswith(str(venv)), f"imported {path}, not the installed wheel"
     assert torch_version == torch.__version__ and "cpu" in backends.split(","), where.stdout
+    # a checkout built with nvcc makes a wheel that carries the CUDA kernels too (make wheel relinks them)
+    built_here = [] if os.environ.get("DALLE_FAST_WHEEL") else dalle_fast.backends()
+    assert not built_here or sorted(backends.split(",")) == sorted(built_here), \
+        f"the wheel's compiled backends {backends} differ from this checkout's build {built_here}"
     print(f"the new environment imports {path} (torch {torch_version}, compiled backends {backends})")
 
     selftest = run(py, "-m", "dalle_fast.selftest")
     assert selftest.returncode == 0, selftest.stdout[-4000:] + selftest.stderr[-4000:]
     assert "cpu" in selftest.stdout
+    if "cuda" in built_here:  # the selftest reports the wheel's CUDA build (toolkit and archs)
+        assert re.search(r"CUDA kernels: built with toolkit [0-9.]+ for archs", selftest.stdout), selftest.stdout[:2000]
 
     t0 = time.time()
     gen = run(cli, "generate", "a large red circle", "-n", "2", "--keep", "1", "--threads", "1",
