@@ -338,7 +338,9 @@ NormalBlockFn<acc> pick_normal_block() {
 
 template <typename acc>
 DF_INLINE acc threshold_value(acc v, int kind, acc s) {
-  return kind == kDynamic ? clamp_scale(v, s) : (kind == kStatic ? (v < -1 ? acc(-1) : (v > 1 ? acc(1) : v)) : v);
+  // static: clamp to [-s, s] with s = 1 passed in (written with the constant 1, g++ 12 left the loop
+  // scalar and branchy: 6x the time of no thresholding on data that often leaves [-1, 1])
+  return kind == kDynamic ? clamp_scale(v, s) : (kind == kStatic ? (v < -s ? -s : (v > s ? s : v)) : v);
 }
 
 // x_prev (and x0) of elements [i0, i0 + len) of one sample, z the noise of those elements or null.
