@@ -213,7 +213,7 @@ def test_threshold_property_valid_or_clear_error(shape, q, dtype):
 SELECT_ENV = "DALLE_FAST_THRESHOLD_SELECT"
 SELECT_METHODS = ("histogram", "extreme", "auto")
 # near 1 and near 0 (extreme-k under auto), the middle (histogram under auto), either side of the
-# auto boundary (k = 256 at n = 12288 is p = 0.9792), k = 1 (p = 1; lo = hi = 0 for the tiniest p)
+# auto boundary (k = 256 at n = 12288 is p = 0.9792), k = 1 (p = 1), k = 2 (lo = 0, hi = 1: the tiniest p)
 SELECT_PERCENTILES = (0.995, 1.0, 0.98, 0.975, 0.5, 0.005, 1e-9)
 # tiny n, n around the extreme-k buffer (k + 512 = 513..) and its 32-element blocks, one 64x64x3 sample
 SELECT_SIZES = (1, 2, 3, 31, 97, 577, 641, 2000, 12288)
@@ -302,8 +302,9 @@ def test_guided_step_selections_agree(monkeypatch):
     cond, uncond, x_t = mod.sample_inputs((3, 3, 64, 64), "cpu", torch.float32, seed=2)
     x_t[1, 2, -1, -8:] = 40.0  # the largest x0 at the end of a sample
     for q in (0.995, 0.5, 0.02):
-        step = lambda: dalle_fast.guided_step(cond, uncond, x_t, 0.3, 0.4, guidance=5.0, percentile=q, seed=1,  # noqa: E731
-                                              return_x0=True)
+        def step():
+            return dalle_fast.guided_step(cond, uncond, x_t, 0.3, 0.4, guidance=5.0, percentile=q, seed=1,
+                                          return_x0=True)
         got = [run_selected(monkeypatch, m, step) for m in SELECT_METHODS]
         for other in got[1:]:
             for a, b in zip(got[0], other):
