@@ -18,6 +18,7 @@
 // unset picks by the rank.
 #pragma once
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -176,9 +177,14 @@ Scan scan_portable(const acc* v, int64_t n, Extremes<kTop, acc>& e) {
       const acc a = std::abs(p[j]);
       any |= kTop ? static_cast<int>(!(a <= t)) : static_cast<int>(!(a >= t));
     }
-    if (any) {
+    if (any) {  // a branch-free mask of the block's survivors, then only those (as the AVX2 scan does)
+      uint32_t mask = 0;
       for (int64_t j = 0; j < kBlock; ++j) {
-        const Scan s = e.take(std::abs(p[j]));
+        const acc a = std::abs(p[j]);
+        mask |= static_cast<uint32_t>(kTop ? !(a <= t) : !(a >= t)) << j;
+      }
+      for (; mask != 0; mask &= mask - 1) {
+        const Scan s = e.take(std::abs(p[std::countr_zero(mask)]));
         if (s != Scan::kDone) return s;
       }
     }
@@ -217,7 +223,7 @@ __attribute__((target("avx2"))) Scan scan_avx2(const acc* v, int64_t n, Extremes
       for (int h = 0; h < 8; ++h) mask |= static_cast<uint32_t>(_mm256_movemask_pd(c[h])) << (4 * h);
     }
     for (; mask != 0; mask &= mask - 1) {  // the survivors (take tests each against the current t)
-      const Scan s = e.take(std::abs(p[__builtin_ctz(mask)]));
+      const Scan s = e.take(std::abs(p[std::countr_zero(mask)]));
       if (s != Scan::kDone) return s;
     }
   }
