@@ -5,6 +5,7 @@ the public samplers write (torch.quantile + clamp + the DDPM posterior update) a
     .venv/bin/python benchmarks/bench_diffusion_step.py --quick    # (4, 3, 64, 64), few reps, no CSV
     .venv/bin/python benchmarks/bench_diffusion_step.py --pair     # also: the guided pair as one batch of 2B
     .venv/bin/python benchmarks/bench_diffusion_step.py --cpu-time # 1 thread, CPU time instead of wall time, no CSV
+                                                                   # (also each percentile selection forced)
 
 Providers: eager (our own code written the way imagen-pytorch / diffusers write a guided, dynamically
 thresholded DDPM step: guidance, x0 from eps, torch.quantile of |x0| per sample, clamp, posterior mean,
@@ -170,6 +171,19 @@ def cpu_time_ratios(shapes, reps=15):
             et, ft = cpu_ms(lambda: eager_threshold(cond)), cpu_ms(lambda: dalle_fast.dynamic_threshold(cond))
         print(f"{tuple(shape)} CPU time: guided_step eager {e:.2f} ms, dalle_fast {f:.2f} ms ({e / f:.1f}x); "
               f"dynamic_threshold eager {et:.2f} ms, dalle_fast {ft:.2f} ms ({et / ft:.1f}x)")
+        # the CPU kernel's two percentile selections forced in turn (DALLE_FAST_THRESHOLD_SELECT)
+        times = {}
+        for method in ("histogram", "extreme"):
+            os.environ["DALLE_FAST_THRESHOLD_SELECT"] = method
+            try:
+                with torch.no_grad():
+                    times[method] = (cpu_ms(lambda: fused_step(cond, uncond, x_t)),
+                                     cpu_ms(lambda: dalle_fast.dynamic_threshold(cond)))
+            finally:
+                del os.environ["DALLE_FAST_THRESHOLD_SELECT"]
+        (hs, ht), (xs, xt) = times["histogram"], times["extreme"]
+        print(f"{tuple(shape)}   selection forced: guided_step histogram {hs:.2f} ms, extreme-k {xs:.2f} ms; "
+              f"dynamic_threshold histogram {ht:.2f} ms, extreme-k {xt:.2f} ms")
 
 
 def main(argv=None):

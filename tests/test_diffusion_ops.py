@@ -1,5 +1,8 @@
 """dalle_fast.dynamic_threshold / guided_step against the float64 reference (same seed, same noise)."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,6 +202,169 @@ def test_threshold_property_valid_or_clear_error(shape, q, dtype):
     if x.numel():
         torch.testing.assert_close(out.double(), ref.dynamic_threshold(x.double(), q).to(dtype).double(),
                                    rtol=1e-2 if dtype == torch.bfloat16 else 3e-7, atol=0)
+
+
+# ---- the CPU kernel's two selections (csrc/cpu/diffusion_cpu_select.h) ----
+# DALLE_FAST_THRESHOLD_SELECT forces one (read per call): "histogram" (any rank) or "extreme" (the
+# k most extreme values, k = n - lo near p = 1 or hi + 1 near 0, never giving up); unset, the kernel
+# picks extreme-k when k <= max(n / 64, 256) and falls back to the histogram on data that would make
+# it churn (ascending).
+
+SELECT_ENV = "DALLE_FAST_THRESHOLD_SELECT"
+SELECT_METHODS = ("histogram", "extreme", "auto")
+# near 1 and near 0 (extreme-k under auto), the middle (histogram under auto), either side of the
+# auto boundary (k = 256 at n = 12288 is p = 0.9792), k = 1 (p = 1), k = 2 (lo = 0, hi = 1: the tiniest p)
+SELECT_PERCENTILES = (0.995, 1.0, 0.98, 0.975, 0.5, 0.005, 1e-9)
+# tiny n, n around the extreme-k buffer (k + 512 = 513..) and its 32-element blocks, one 64x64x3 sample
+SELECT_SIZES = (1, 2, 3, 31, 97, 577, 641, 2000, 12288)
+
+
+def select_sample(kind, n, seed=0):
+    """Three samples of n values (float64) of one kind."""
+    g = torch.Generator().manual_seed(seed + n)
+    x = 3 * torch.randn(3, n, generator=g, dtype=torch.float64)
+    if kind == "ties":  # integers: long runs of equal |x| across the two ranks
+        x = torch.randint(-4, 5, (3, n), generator=g).double()
+    elif kind == "all_equal":  # one value everywhere, signs mixed; a row of +-0
+        x = torch.full((3, n), 2.5, dtype=torch.float64) * torch.randint(0, 2, (3, n), generator=g).mul(2).sub(1)
+        x[2] = torch.where(torch.arange(n) % 2 == 0, 0.0, -0.0)
+    elif kind == "ascending":  # the top values at the very end (every element beats the threshold)
+        x = x.abs().sort(dim=1).values * torch.randint(0, 2, (3, n), generator=g).mul(2).sub(1)
+    elif kind == "descending":
+        x = x.abs().sort(dim=1, descending=True).values
+    elif kind == "spike_end":  # small values, then the largest 1% in the last positions (the tail block)
+        m = max(1, n // 100)
+        x[:, -m:] = 50 + torch.rand(3, m, generator=g, dtype=torch.float64)
+    elif kind == "inf":  # a few infinities (fewer than k for p = 0.995 at large n) and many (row 2)
+        x[0, n // 2] = float("inf")
+        x[1, -1] = -float("inf")
+        x[2, : max(1, n // 10)] = float("inf")
+    elif kind == "nan":  # NaN first, last, or in a block past the buffer: NaN for that sample only
+        x[0, 0] = float("nan")
+        x[1, -1] = float("nan")
+    return x
+
+
+def run_selected(monkeypatch, method, fn):
+    if method == "auto":
+        monkeypatch.delenv(SELECT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(SELECT_ENV, method)
+    return fn()
+
+
+def identical(a, b):
+    """Equal values, NaN where the other has NaN (torch.equal, which is fast, with NaN made comparable)."""
+    return a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0), b.nan_to_num(0))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "all_equal", "ascending", "descending", "spike_end", "inf",
+                                  "nan"])
+def test_threshold_selections_agree_bit_for_bit(monkeypatch, kind):
+    """Histogram, extreme-k and the automatic choice give the same scale, output and pivots (bit for
+    bit), and the scale is the reference's (torch.quantile's) to one ulp: every dtype the op takes,
+    each percentile picking each path, tiny samples, ties, infinities, NaN."""
+    for n in SELECT_SIZES:
+        x64 = select_sample(kind, n)
+        # fp16 / bf16 are selected as float32 after conversion: two sizes of them are enough
+        for dtype in (torch.float64, torch.float32) + ((torch.float16, torch.bfloat16) if n in (97, 2000) else ()):
+            x = x64.to(dtype)
+            for q in SELECT_PERCENTILES:
+                got = [run_selected(monkeypatch, m, lambda: ops.dynamic_threshold(x, q, True)) for m in SELECT_METHODS]
+                assert all(identical(a, b) for other in got[1:] for a, b in zip(got[0], other)), (n, dtype, q)
+                out, s, piv = got[0]
+                want = ref.threshold_scale(x.double(), q)
+                assert identical(s, want) or ((s - want).abs() <= ULP64 * want.abs()).all(), (n, dtype, q, s, want)
+                acc = torch.float64 if dtype == torch.float64 else torch.float32  # the kernel's arithmetic
+                assert identical(out, ref.dynamic_threshold(x.to(acc), q, scale=s).to(dtype)), (n, dtype, q)
+                nan_rows = x.isnan().any(1)  # (lerping inf with inf gives NaN too, as in torch.quantile)
+                assert s[nan_rows].isnan().all() and out[nan_rows].isnan().all()
+                if kind != "inf":
+                    assert not s[~nan_rows].isnan().any()
+
+
+def test_threshold_selection_pivots_point_at_the_order_statistics(monkeypatch):
+    """The pivots (for the backward) index elements whose |x| are the two order statistics."""
+    x = select_sample("ties", 3001).abs().add(1.5).add(select_sample("normal", 3001, seed=1).abs() * 1e-3)
+    x = x * torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(0)).mul(2).sub(1)
+    for q in (0.995, 0.01):  # every |x| > 1: s is the percentile at both ends
+        for method in SELECT_METHODS:
+            _, s, piv = run_selected(monkeypatch, method, lambda: ops.dynamic_threshold(x, q, True))
+            a = x.abs().sort(dim=1).values
+            rank = q * (x.shape[1] - 1)
+            lo, hi = int(rank), math.ceil(rank)
+            assert (piv >= 0).all()
+            assert torch.equal(x.abs().gather(1, piv), a[:, [lo, hi]])
+
+
+def test_guided_step_selections_agree(monkeypatch):
+    """guided_step thresholds with the same selection: identical steps whichever path runs."""
+    cond, uncond, x_t = mod.sample_inputs((3, 3, 64, 64), "cpu", torch.float32, seed=2)
+    x_t[1, 2, -1, -8:] = 40.0  # the largest x0 at the end of a sample
+    for q in (0.995, 0.5, 0.02):
+        def step():
+            return dalle_fast.guided_step(cond, uncond, x_t, 0.3, 0.4, guidance=5.0, percentile=q, seed=1,
+                                          return_x0=True)
+        got = [run_selected(monkeypatch, m, step) for m in SELECT_METHODS]
+        for other in got[1:]:
+            for a, b in zip(got[0], other):
+                assert torch.equal(a, b)
+
+
+@given(n=st.integers(1, 1500), q=st.floats(1e-6, 1.0), values=st.integers(1, 50), seed=st.integers(0, 2 ** 16),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_threshold_selection_property(n, q, values, seed, dtype):
+    """Any size, percentile and number of distinct values (ties): extreme-k equals the histogram."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(-values, values + 1, (2, n), generator=g) * 0.37).to(dtype)
+    got = []
+    for method in ("histogram", "extreme"):
+        os.environ[SELECT_ENV] = method
+        try:
+            got.append(ops.dynamic_threshold(x, q, True))
+        finally:
+            del os.environ[SELECT_ENV]
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got[0][1], ref.threshold_scale(x.double(), q), rtol=ULP64, atol=0)
+
+
+# The extreme-k scan exists in AVX2 and portable code; ATEN_CPU_CAPABILITY=default makes a process run
+# the portable one (the in-process tests run what this CPU picks).
+_PORTABLE_SELECT_SCRIPT = r"""
+import os, torch
+ops = torch.ops.dalle_fast
+import dalle_fast
+bad = 0
+g = torch.Generator().manual_seed(0)
+for n in (97, 641, 2000, 12288):
+    base = 3 * torch.randn(3, n, generator=g, dtype=torch.float64)
+    ends = base.clone()
+    ends[:, -max(1, n // 100):] = 50.0  # the largest at the very end
+    asc = base.abs().sort(dim=1).values
+    ties = torch.randint(-4, 5, (3, n), generator=g).double()
+    nan = base.clone()
+    nan[1, -1] = float("nan")
+    for x64 in (base, ends, asc, ties, nan):
+        for dtype in (torch.float32, torch.float64):
+            for q in (0.995, 1.0, 0.98, 0.005, 1e-9):
+                got = []
+                for method in ("histogram", "extreme"):
+                    os.environ["DALLE_FAST_THRESHOLD_SELECT"] = method
+                    got.append(ops.dynamic_threshold(x64.to(dtype), q, True))
+                for a, b in zip(*got):
+                    bad += not (torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0), b.nan_to_num(0)))
+print(torch.backends.cpu.get_cpu_capability(), bad)
+"""
+
+
+def test_threshold_selections_agree_in_portable_code():
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", _PORTABLE_SELECT_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cap, bad = res.stdout.split()[-2:]
+    assert cap == "DEFAULT" and bad == "0", res.stdout
 
 
 # ---- guided_step ----
