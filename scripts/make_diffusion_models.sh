@@ -7,11 +7,11 @@
 #   4. train-upsampler                  32 -> 64 super-resolution (noise-conditioning augmentation), shared
 #   5. imagen_more, unclip_decoder_more  second stages of the two 32x32 U-Nets: --init the first stage's
 #                                        export (a warm restart: fresh optimizer and cosine schedule, lr / 2)
-# Equal training compute: the bundled DALL-E took 58 minutes of one core (README: 28 for tokenizer, dVAE,
-# transformer and CLIP, 30 for the dVAE decoder tuning), so each family gets 58 minutes:
+# Equal training compute: the bundled DALL-E took 58 minutes of wall time at 1 thread (README: 28 for
+# tokenizer, dVAE, transformer and CLIP, 30 for the dVAE decoder tuning), so each family gets 58 minutes:
 #   Imagen = base 20 + 28 (imagen_more) + upsampler 10;  unCLIP = decoder 20 + 24 (more) + prior 4 + upsampler 10
 # Each run is time-boxed (--max-minutes), so on a busy machine it takes fewer steps, not more time:
-# about 106 minutes of wall time with the defaults (1 thread; the bundle's numbers are in the README).
+# 106 minutes of wall time with the defaults (1 thread; the bundle's steps and CPU times are in the README).
 # Usage: scripts/make_diffusion_models.sh [WORK_DIR]   (default build/diffusion_models)
 # The U-Net stages use Min-SNR-gamma loss weighting (gamma 5), which at this budget (about a thousand
 # steps per stage on a shared 2-core CPU) learned colour, size and shape much faster than plain MSE.
