@@ -211,3 +211,74 @@ def test_families_demo_with_the_bundled_models(tmp_path):
     with Image.open(path) as im:
         assert im.width > 3 * 64 and im.height > len(SEEN + HELD_OUT) * 64
     assert set(per_image) == {"dalle", "imagen", "unclip"}
+
+
+def _script_with_bundled_first_stages(tmp_path, **sizes):
+    """scripts/make_diffusion_models.sh over a work directory that already holds the four first stages
+    (the bundled exports), so only the second stages run (2 steps each): returns (work, dest)."""
+    import shutil
+    import subprocess
+    import sys
+    from dalle_fast.diffusion.pipelines import bundled_diffusion_dir
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work, dest = tmp_path / "work", tmp_path / "dest"
+    for m in ("imagen", "unclip_decoder", "prior", "upsampler"):
+        shutil.copytree(os.path.join(bundled_diffusion_dir(), m), work / m / "export")
+    env = dict(os.environ, STEPS="2", BATCH="2", MORE_LR="3e-4", PYTHON=sys.executable, DEST=str(dest),
+               **sizes)
+    r = subprocess.run(["bash", os.path.join(root, "scripts", "make_diffusion_models.sh"), str(work)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for m in ("imagen", "unclip_decoder", "prior", "upsampler"):
+        assert f"{m}: {work / m / 'export'} exists, skipped" in r.stdout
+    return work, dest
+
+
+def _same_files(a, b):
+    return sorted(os.listdir(a)) == sorted(os.listdir(b)) and all(
+        open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read() for f in os.listdir(a))
+
+
+def test_diffusion_bundle_script_second_stages(tmp_path):
+    """The second stages start from the first stages' exports (a warm restart at MORE_LR) and are
+    what the script ships as imagen/ and unclip_decoder/; prior and upsampler ship as trained."""
+    import csv
+    work, dest = _script_with_bundled_first_stages(tmp_path)
+    for first, more in (("imagen", "imagen_more"), ("unclip_decoder", "unclip_decoder_more")):
+        assert _same_files(work / more / "export", dest / first)
+        with open(work / more / "export" / "config.json") as a, open(work / first / "export" / "config.json") as b:
+            assert a.read() == b.read()  # same architecture, so --init loaded the first stage's weights
+        with open(work / more / "metrics.csv") as f:
+            last = list(csv.DictReader(f))[-1]
+        # step 2 of the script's 50-step warm-up towards MORE_LR (the first stages' lr is 1e-3)
+        assert int(last["step"]) == 2 and float(last["lr"]) == pytest.approx(3e-4 * 2 / 50)
+        a, b = _weights(work / more / "export"), _weights(work / first / "export")
+        moved = sum(float((a[k] - b[k]).norm() ** 2) for k in a) ** 0.5
+        assert 0 < moved < 0.01 * sum(float(b[k].norm() ** 2) for k in b) ** 0.5  # --init, then 2 tiny steps
+    for m in ("prior", "upsampler"):
+        assert _same_files(work / m / "export", dest / m)
+
+
+def test_diffusion_bundle_script_without_second_stages(tmp_path):
+    work, dest = _script_with_bundled_first_stages(tmp_path, IMAGEN_MORE_MIN="0", UNCLIP_MORE_MIN="0")
+    assert not (work / "imagen_more").exists() and not (work / "unclip_decoder_more").exists()
+    for m in ("imagen", "unclip_decoder", "prior", "upsampler"):
+        assert _same_files(work / m / "export", dest / m)
+
+
+def test_eval_diffusion_background_stats():
+    """Shapes' clean black background reads as level ~0 and little speckle; grey noise on it does not."""
+    import importlib.util
+    import torch.nn.functional as F
+    from dalle_fast.data.shapes import Shapes
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("eval_diffusion", os.path.join(root, "scripts", "eval_diffusion.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ds = Shapes(length=16, seed=0, image_size=64)
+    clean = F.interpolate(torch.stack([ds[i][0] for i in range(16)]).float(), size=32, mode="area")
+    level, speckle = mod.background_stats(clean)
+    assert level < 0.03 and speckle < 0.03
+    noisy = (clean + 0.15 + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    n_level, n_speckle = mod.background_stats(noisy.view(4, 4, 3, 32, 32))
+    assert n_level > 0.1 and n_speckle > 3 * speckle + 0.03

@@ -403,6 +403,21 @@ def test_step_matches_reference(device, case, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_last_step_returns_the_thresholded_x0_without_noise(device, case):
+    """alpha_bar_prev = 1 (the sampler's step to t = -1): every sampler, eta and parameterisation returns
+    exactly its (thresholded) x0 estimate, no noise; so the speckle of undertrained samples does not
+    come from the last step (README, Imagen and unCLIP)."""
+    param, sampler, eta, thr = case
+    cond, uncond, x_t = mod.sample_inputs((2, 3, 16, 16), device, torch.float32, seed=5)
+    kw = dict(guidance=3.0, parameterization=param, sampler=sampler, eta=eta, threshold=thr, offset=49)
+    x_prev, x0 = dalle_fast.guided_step(cond, uncond, x_t, 0.9999, 1.0, return_x0=True, seed=1, **kw)
+    torch.testing.assert_close(x_prev, x0, rtol=0, atol=1e-6)
+    again = dalle_fast.guided_step(cond, uncond, x_t, 0.9999, 1.0, seed=2, **kw)  # other noise, same output
+    torch.testing.assert_close(again, x_prev, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_step_per_sample_schedule_and_no_guidance(device):
     cond, uncond, x_t = mod.sample_inputs((3, 2, 9, 9), device, torch.float64)
     a = torch.tensor([0.1, 0.5, 0.98], dtype=torch.float64)
