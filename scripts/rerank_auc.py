@@ -25,21 +25,27 @@ from dalle_fast.eval.quality import METRICS, default_prompts, evaluate, summaris
 FIELDS = ("colour", "shape", "shape_small", "size", "relation", "count", "ok")
 
 
+def save_samples(report, path, seed=0, checkpoint=None):
+    """An unreranked quality.evaluate() report as path: images (P, n, 3, H, W) uint8, verdicts (P, n, fields)
+    (NaN where the judge has none, e.g. no small object) and the prompts in its metadata."""
+    P, n = report.images.shape[:2]
+    verdicts = torch.tensor([[float("nan") if r[f] is None else float(r[f]) for f in FIELDS] for r in report.rows])
+    meta = {"prompts": [[p.caption, p.group, p.kind] for p in report.prompts], "n": n, "seed": seed,
+            "fields": list(FIELDS), "checkpoint": checkpoint or "bundled"}
+    atomic_save_safetensors({"images": (report.images * 255).round().to(torch.uint8).contiguous(),
+                             "verdicts": verdicts.view(P, n, len(FIELDS)).contiguous()},
+                            path, metadata={"meta": json.dumps(meta)})
+
+
 def save(args):
     from dalle_fast.eval.quality import dalle_sampler
     from dalle_fast.generate import load_bundle
     model, vae, tokenizer, _ = load_bundle(args.checkpoint)
     report = evaluate(dalle_sampler(model, vae, tokenizer, seed=args.seed), default_prompts(), n=args.num_images,
                       keep=min(4, args.num_images))
-    P, n = report.images.shape[:2]
-    # verdicts as floats, NaN where the judge has none (no small object)
-    verdicts = torch.tensor([[float("nan") if r[f] is None else float(r[f]) for f in FIELDS] for r in report.rows])
-    meta = {"prompts": [[p.caption, p.group, p.kind] for p in report.prompts], "n": n, "seed": args.seed,
-            "fields": list(FIELDS), "checkpoint": args.checkpoint or "bundled"}
-    atomic_save_safetensors({"images": (report.images * 255).round().to(torch.uint8).contiguous(),
-                             "verdicts": verdicts.view(P, n, len(FIELDS)).contiguous()},
-                            args.samples, metadata={"meta": json.dumps(meta)})
-    print(f"saved {P} x {n} samples and their verdicts to {args.samples} ({report.seconds:.0f} s)")
+    save_samples(report, args.samples, args.seed, args.checkpoint)
+    print(f"saved {report.images.shape[0]} x {args.num_images} samples and their verdicts to {args.samples} "
+          f"({report.seconds:.0f} s)")
 
 
 def load_samples(path):
