@@ -62,8 +62,17 @@ def _load_vae(directory, image_size, device):
 
 @torch.no_grad()
 def through_vae(vae, images, fraction=1.0, generator=None):
-    """images (B, 3, S, S) in [0, 1] with a share `fraction` of them (chosen at random) replaced by their dVAE
-    reconstruction decode(encode(x)): what the transformer's tokens look like once decoded."""
+    """Images with a share of them replaced by their dVAE reconstruction decode(encode(x)): what the
+    transformer's tokens look like once decoded (train-clip --through-vae).
+
+    Args:
+        vae: a DiscreteVAE of the images' size.
+        images: (B, 3, S, S) in [0, 1].
+        fraction: the chance that each image is replaced, in [0, 1].
+        generator: torch.Generator for that choice (None: the global one).
+    Returns:
+        (B, 3, S, S) in [0, 1], a new tensor where any image was replaced.
+    """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
     pick = torch.rand(len(images), generator=generator) < fraction
