@@ -9,7 +9,8 @@
 #                       small objects' shapes: scripts/dvae_ceiling.py); the bundle ships that decoder
 #   3. train-dalle      the transformer (paper schedule: row, column, row, conv), tokens cached once
 #   4. train-clip       a small open_clip CLIP for reranking, trained with hard negatives (twins that
-#                       differ only in one object's shape or size, or in swapped colours)
+#                       differ only in one object's shape or size, or in swapped colours); 4-pixel patches
+#                       so that a small object spans several (README: reranking; ~11 min of one core)
 #   5. copy the exported model into dalle_fast/assets and draw docs/generate_grid.png
 #
 # Usage: scripts/make_bundled_model.sh [WORK_DIR]   (default build/bundled_model)
@@ -29,7 +30,7 @@ TUNE_STEPS=${TUNE_STEPS:-3000}   # decoder tuning (batch 16), time-boxed by TUNE
 TUNE_MINUTES=${TUNE_MINUTES-45}
 DALLE_STEPS=${DALLE_STEPS:-8000}
 DALLE_MINUTES=${DALLE_MINUTES-35} # time box of the transformer's run (fewer steps on a busy machine; '' = none)
-CLIP_STEPS=${CLIP_STEPS:-600}
+CLIP_STEPS=${CLIP_STEPS:-1200}
 LENGTH=${LENGTH:-20000}          # Shapes items (training split) for the tokenizer, transformer and CLIP
 BATCH=${BATCH:-32}
 DEST=${DEST-dalle_fast/assets}   # where the bundle goes ('' to skip copying)
@@ -75,7 +76,8 @@ stamp "3/5 transformer"
 stamp "4/5 CLIP"
 [ -f "$WORK/clip/open_clip_config.json" ] || \
 "${CLI[@]}" train-clip --data shapes --split train --length "$LENGTH" --tokenizer "$WORK/tokenizer.json" \
-  --out "$WORK/clip" --text-len 16 --steps "$CLIP_STEPS" --batch-size 32 --width 64 --lr 2e-3 --warmup 30 --hard-negatives \
+  --out "$WORK/clip" --text-len 16 --steps "$CLIP_STEPS" --batch-size 32 --width 64 --patch-size 4 --lr 2e-3 \
+  --warmup $((CLIP_STEPS / 20)) --hard-negatives \
   --threads "$THREADS" --quiet
 rm -rf "$WORK/dalle/export/clip" && mkdir -p "$WORK/dalle/export/clip"
 cp "$WORK/clip/open_clip_config.json" "$WORK/clip/open_clip_model.safetensors" "$WORK/clip/tokenizer.json" \

@@ -117,7 +117,8 @@ def test_train_clip_learns(tok_file, tmp_path, hard_negatives):
     args = Namespace(data="shapes", split="train", length=2000, tokenizer=tok_file, out=str(tmp_path / "c"),
                      image_size=64, text_len=16, embed_dim=32, width=64, layers=1, steps=40,
                      batch_size=16 if hard_negatives else 32, hard_negatives=hard_negatives, patch_size=8,
-                     lr=2e-3, warmup=5, weight_decay=0.1, device="cpu", log_every=5, seed=0, quiet=True)
+                     lr=2e-3, warmup=5, weight_decay=0.1, device="cpu", log_every=5, seed=0, quiet=True,
+                     through_vae=None, vae_fraction=1.0)
     out = train_clip(args)
     rows = json.loads((tmp_path / "c" / "metrics.json").read_text())["history"]
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-2:]) / 2
@@ -135,3 +136,37 @@ def test_train_clip_learns(tok_file, tmp_path, hard_negatives):
     own = sims.diagonal()
     wins = (own[:, None] > sims).float().sum() / (32 * 31)
     assert wins > 0.6, float(wins)
+
+
+def test_through_vae_replaces_the_chosen_share_by_reconstructions():
+    from dalle_fast.models.dvae import DiscreteVAE, DVAEConfig
+    from dalle_fast.train.clip import through_vae
+    torch.manual_seed(0)
+    vae = DiscreteVAE(DVAEConfig.tiny()).eval()
+    ds = Shapes(8, image_size=32, seed=5)
+    images = torch.stack([ds[i][0] for i in range(8)])
+    every = through_vae(vae, images, 1.0)
+    torch.testing.assert_close(every, vae.reconstruct(images).clamp(0, 1))
+    assert torch.equal(through_vae(vae, images, 0.0), images)
+    half = through_vae(vae, images, 0.5, torch.Generator().manual_seed(3))
+    same = (half == images).flatten(1).all(1)
+    recon = (half == every).flatten(1).all(1)
+    assert bool((same | recon).all()) and 0 < int(recon.sum()) < 8 and not torch.equal(images, every)
+    with pytest.raises(ValueError, match="fraction"):
+        through_vae(vae, images, 1.5)
+
+
+def test_train_clip_through_vae(tok_file, tmp_path):
+    """--through-vae trains on dVAE reconstructions (a dVAE of another image size is refused by name)."""
+    from argparse import Namespace
+    from dalle_fast.models.dvae import DiscreteVAE, DVAEConfig
+    from dalle_fast.train.clip import train_clip
+    DiscreteVAE(DVAEConfig.tiny()).save_pretrained(tmp_path / "vae")
+    kw = dict(data="shapes", split="train", length=200, tokenizer=tok_file, out=str(tmp_path / "c"), text_len=16,
+              embed_dim=32, width=64, layers=1, steps=3, batch_size=4, hard_negatives=True, patch_size=8, lr=2e-3,
+              warmup=1, weight_decay=0.1, device="cpu", log_every=1, seed=0, quiet=True,
+              through_vae=str(tmp_path / "vae"), vae_fraction=1.0)
+    with pytest.raises(ValueError, match="--through-vae"):
+        train_clip(Namespace(image_size=64, **kw))
+    out = train_clip(Namespace(image_size=32, **kw))
+    assert CLIPReranker.from_pretrained(out).score(torch.rand(2, 3, 32, 32), ["a small red circle"] * 2).shape == (2,)

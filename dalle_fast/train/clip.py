@@ -4,6 +4,7 @@ pretrained CLIP is at hand (nothing is downloaded). Writes an open_clip local-di
 dalle_fast.clip.CLIPReranker.from_pretrained reads.
 """
 import argparse
+import time
 
 import numpy as np
 import torch
@@ -50,6 +51,39 @@ class HardNegativeShapes(torch.utils.data.Dataset):
         return torch.stack([self.shapes.render(scene), self.shapes.render(twin)]), (scene["caption"], twin["caption"])
 
 
+def _load_vae(directory, image_size, device):
+    from ..models.dvae import DiscreteVAE
+    vae = DiscreteVAE.from_pretrained(directory, device=device).eval()
+    if vae.image_size != image_size:
+        raise ValueError(f"--through-vae: the dVAE in {directory} takes {vae.image_size}-pixel images, "
+                         f"but --image-size is {image_size}")
+    return vae
+
+
+@torch.no_grad()
+def through_vae(vae, images, fraction=1.0, generator=None):
+    """Images with a share of them replaced by their dVAE reconstruction decode(encode(x)): what the
+    transformer's tokens look like once decoded (train-clip --through-vae).
+
+    Args:
+        vae: a DiscreteVAE of the images' size.
+        images: (B, 3, S, S) in [0, 1].
+        fraction: the chance that each image is replaced, in [0, 1].
+        generator: torch.Generator for that choice (None: the global one).
+    Returns:
+        (B, 3, S, S) in [0, 1], a new tensor where any image was replaced.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+    pick = torch.rand(len(images), generator=generator) < fraction
+    if not pick.any():
+        return images
+    out = images.clone()
+    idx = pick.nonzero().flatten().to(images.device)
+    out[idx] = vae.reconstruct(images[idx]).to(images.dtype).clamp_(0, 1)
+    return out
+
+
 def train_clip(args):
     from open_clip.loss import ClipLoss
     from ..clip import SHAPES_PREPROCESS, build_clip, save_clip, shapes_clip_config
@@ -70,6 +104,8 @@ def train_clip(args):
             raise ValueError("--hard-negatives needs --data shapes (twins are drawn from the scene description)")
         dataset = HardNegativeShapes(dataset)
     batches = common.ResumableBatches(dataset, args.batch_size, seed=args.seed)
+    vae = _load_vae(args.through_vae, args.image_size, device) if args.through_vae else None
+    vae_gen = torch.Generator().manual_seed(args.seed + 2)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -79,12 +115,16 @@ def train_clip(args):
     std = torch.tensor(SHAPES_PREPROCESS["std"], device=device).view(1, 3, 1, 1)
     bar = common.Progress(args.steps, enabled=not args.quiet, desc="train-clip")
     log = common.MetricLog(args.out, ["step", "loss", "accuracy", "lr"])
+    start = time.perf_counter()
     try:
         for step in range(args.steps):
             images, captions = next(batches)
             if args.hard_negatives:  # (B, 2, 3, S, S) and B caption pairs -> 2B items, each twin beside its scene
                 images, captions = images.flatten(0, 1), [c for pair in captions for c in pair]
-            images = ((images.to(device) - mean) / std)
+            images = images.to(device)
+            if vae is not None:  # the generator's image distribution: decode(encode(x)), scene and twin alike
+                images = through_vae(vae, images, args.vae_fraction, vae_gen)
+            images = (images - mean) / std
             text = tokenizer.tokenize(captions, args.text_len).to(device)
             lr = args.lr * min(1.0, (step + 1) / args.warmup) if step < args.warmup else \
                 common.cosine(step - args.warmup, args.steps - args.warmup, args.lr, args.lr * 0.01)
@@ -110,7 +150,8 @@ def train_clip(args):
     model.eval()
     save_clip(model, args.out, cfg, preprocess_cfg={**SHAPES_PREPROCESS, "size": args.image_size},
               tokenizer_file=args.tokenizer)
-    log.write_json({"steps": args.steps, "final_loss": log.rows[-1]["loss"] if log.rows else None})
+    log.write_json({"steps": args.steps, "final_loss": log.rows[-1]["loss"] if log.rows else None,
+                    "seconds": round(time.perf_counter() - start, 1)})
     return args.out
 
 
@@ -135,6 +176,11 @@ def register(subparsers):
     p.add_argument("--hard-negatives", action="store_true",
                    help="Shapes only: each batch item comes with a twin differing in one object's shape or size, "
                         "or with two objects' colours swapped (batch holds 2x --batch-size images)")
+    p.add_argument("--through-vae", default=None, metavar="DIR",
+                   help="a dVAE directory (e.g. the bundle's dvae/): train on decode(encode(x)) of the images (scene "
+                        "and hard-negative twin alike), the image distribution the transformer's samples come in")
+    p.add_argument("--vae-fraction", type=float, default=1.0,
+                   help="with --through-vae: the share of images (chosen at random) passed through the dVAE")
     p.add_argument("--patch-size", type=int, default=8, help="ViT patch side in pixels")
     p.add_argument("--device", default="auto")
     p.add_argument("--log-every", type=int, default=10)
