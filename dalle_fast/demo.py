@@ -21,8 +21,12 @@ def run_dvae_demo(out="demo_out", seconds=30.0, batch_size=8, lr=2e-3, seed=0, p
     run_dir = os.path.join(out, time.strftime("dvae-%Y%m%d-%H%M%S"))
     # the step count is an upper bound: the run measures its first steps and fits the time budget
     # mse_weight: Shapes is noiseless and mostly black; see DiscreteVAE.forward for why it helps
+    # a run of a few hundred steps keeps the auxiliary term on to the end (mse_frac 2: it decays to half) and
+    # anneals the temperature over the whole run: with the default fractions (MSE gone and tau at 1/16 by
+    # half-way) the codes collapse in the second half (quiet machine, 30 s, seeds 0/1: eval PSNR 13.8/15.7 dB,
+    # one run 6.0 dB with codebook perplexity 1.5; with these 18.4/17.4 dB)
     cfg = TrainVAEConfig(data="shapes", config="small", steps=5000, batch_size=batch_size, lr=lr, seed=seed,
-                         mse_weight=mse_weight,
+                         mse_weight=mse_weight, mse_frac=2.0, tau_frac=1.0,
                          device=device, log_every=5, sample_every=10 ** 9, checkpoint_every=10 ** 9,
                          eval_images=16, shapes_length=20_000)
     t0 = time.perf_counter()
