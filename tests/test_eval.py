@@ -1,5 +1,6 @@
 """The Shapes judge (dalle_fast.eval): right on drawn ground truth, wrong answers caught, clear errors on
 bad input, and the quality report over any sampler (and the `dalle-fast eval` command)."""
+import os
 import numpy as np
 import pytest
 import torch
@@ -191,6 +192,36 @@ def test_eval_command_on_the_bundled_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| CLIP best 1 of 2 | seen |" in printed
     assert (out / "grid.png").is_file() and len((out / "samples.csv").read_text().splitlines()) == 1 + 3 * 2
+
+
+def test_eval_command_sampling_options_and_another_vae(tmp_path, capsys):
+    """--temperature / --top-k reach generate (a tiny temperature with top-k 1 makes every sample of a
+    prompt the same tokens); --vae decodes with another dVAE of the same token grid; bad values name
+    the argument."""
+    import csv
+    from dalle_fast.cli import main
+    from dalle_fast.generate import bundled_model_dir
+    from dalle_fast.models.dvae import DiscreteVAE, DVAEConfig
+    out = tmp_path / "greedy"
+    vae_dir = os.path.join(bundled_model_dir(), "dvae")
+    assert main(["eval", "-n", "3", "--keep", "1", "--limit", "2", "--top-k", "1", "--vae", vae_dir,
+                 "--out-dir", str(out)]) == 0
+    capsys.readouterr()
+    with open(out / "samples.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 3
+    # greedy decoding: the three samples of each prompt are judged identically
+    for cap in {r["caption"] for r in rows}:
+        verdicts = {tuple(v for k, v in r.items() if k not in ("sample", "rank", "reranked")) for r in rows
+                    if r["caption"] == cap}
+        assert len(verdicts) == 1, verdicts
+    assert main(["eval", "-n", "2", "--keep", "1", "--limit", "1", "--temperature", "0", "--out-dir", str(tmp_path / "t0")]) == 2
+    assert "temperature must be > 0" in capsys.readouterr().err
+    other = tmp_path / "tiny_vae"
+    DiscreteVAE(DVAEConfig(image_size=64, group_count=2, n_hid=8, n_blk_per_group=1, vocab_size=16, n_init=8)
+                ).save_pretrained(str(other))
+    assert main(["eval", "-n", "2", "--keep", "1", "--limit", "1", "--vae", str(other), "--out-dir", str(tmp_path / "v")]) == 2
+    assert "--vae" in capsys.readouterr().err
 
 
 def test_clip_hard_negative_twins_differ_in_one_judged_attribute():

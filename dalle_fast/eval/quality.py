@@ -224,10 +224,20 @@ def _cmd_eval(args):
     if args.clip:
         from ..clip import CLIPReranker
         clip = CLIPReranker.from_pretrained(args.clip, device=args.device)
+    if args.vae:
+        from ..models.dvae import DiscreteVAE
+        other = DiscreteVAE.from_pretrained(args.vae, device=args.device).eval()
+        if other.config.vocab_size != vae.config.vocab_size or other.config.downsample != vae.config.downsample \
+                or other.image_size != vae.image_size:
+            raise ValueError(f"--vae {args.vae}: its token grid or codebook differs from the model's dVAE "
+                             f"({other.config.vocab_size} codes, {other.image_size // other.config.downsample} tokens a side "
+                             f"against {vae.config.vocab_size}, {vae.image_size // vae.config.downsample})")
+        vae = other
     prompts = default_prompts()
     if args.limit:
         prompts = prompts[::max(1, len(prompts) // args.limit)][:args.limit]
-    sample = dalle_sampler(model, vae, tokenizer, seed=args.seed, batch_size=args.batch_size)
+    sample = dalle_sampler(model, vae, tokenizer, seed=args.seed, batch_size=args.batch_size,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     score = clip_scorer(clip) if clip is not None and not args.no_clip else None
     report = evaluate(sample, prompts, n=args.num_images, keep=args.keep, score=score)
     paths = write_report(report, args.out_dir)
@@ -247,6 +257,11 @@ def add_arguments(p):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--clip", default=None, help="rerank with this CLIP directory instead of the model's own")
     p.add_argument("--no-clip", action="store_true", help="no reranker: 'reranked' figures are the first K samples")
+    p.add_argument("--vae", default=None,
+                   help="decode with this dVAE directory instead of the model's own (same tokens: e.g. a tuned decoder)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the paper's: 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely image tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out-dir", default="eval", help="where samples.csv, summary.json, table.md and grid.png go")
     p.set_defaults(func=_cmd_eval)
