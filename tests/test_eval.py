@@ -176,6 +176,26 @@ def test_evaluate_with_an_oracle_and_a_reranker(tmp_path):
     assert "| CLIP best 2 of 4 | heldout |" in format_table(s, 4, 2) and paths["grid"].endswith("grid.png")
 
 
+def test_pooled_reports_weigh_every_run_and_keep_the_spread(tmp_path):
+    """pool_reports: a perfect run and a half-wrong run pool to the mean of the two, each run's own
+    summary is kept, the CSV gains a seed column and the spread lists both runs."""
+    import json
+    from dalle_fast.eval.quality import format_spread, pool_reports
+    prompts = default_prompts()[::6]
+    good = evaluate(_oracle_sampler(), prompts, n=4, keep=2)
+    half = evaluate(_oracle_sampler(wrong_every=2), prompts, n=4, keep=2)
+    pooled = pool_reports([good, half], [3, 4])
+    assert pooled.summary["unreranked"]["all"]["colour"] == pytest.approx(0.75)
+    assert pooled.summary["unreranked"]["all"]["images"] == 2 * 4 * len(prompts)
+    assert [s for s, _ in pooled.per_seed] == [3, 4] and pooled.per_seed[1][1]["unreranked"]["all"]["colour"] == 0.5
+    assert "per seed (3, 4): 100.0, " in format_spread(pooled) and format_spread(good) == ""
+    paths = write_report(pooled, str(tmp_path / "pooled"))
+    assert open(paths["csv"]).readline().startswith("seed,caption")
+    assert [d["seed"] for d in json.load(open(paths["json"]))["per_seed"]] == [3, 4]
+    with pytest.raises(ValueError, match="one seed per report"):
+        pool_reports([good], [0, 1])
+
+
 def test_evaluate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="keep"):
         evaluate(_oracle_sampler(), default_prompts()[:1], n=2, keep=3)
@@ -205,15 +225,15 @@ def test_eval_command_sampling_options_and_another_vae(tmp_path, capsys):
     out = tmp_path / "greedy"
     vae_dir = os.path.join(bundled_model_dir(), "dvae")
     assert main(["eval", "-n", "3", "--keep", "1", "--limit", "2", "--top-k", "1", "--vae", vae_dir,
-                 "--out-dir", str(out)]) == 0
-    capsys.readouterr()
+                 "--repeats", "2", "--out-dir", str(out)]) == 0
+    assert "pooled over seeds 0..1" in capsys.readouterr().out
     with open(out / "samples.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 3
+    assert len(rows) == 2 * 2 * 3 and {r["seed"] for r in rows} == {"0", "1"}
     # greedy decoding: the three samples of each prompt are judged identically
-    for cap in {r["caption"] for r in rows}:
+    for cap, seed in {(r["caption"], r["seed"]) for r in rows}:
         verdicts = {tuple(v for k, v in r.items() if k not in ("sample", "rank", "reranked")) for r in rows
-                    if r["caption"] == cap}
+                    if r["caption"] == cap and r["seed"] == seed}
         assert len(verdicts) == 1, verdicts
     assert main(["eval", "-n", "2", "--keep", "1", "--limit", "1", "--temperature", "0", "--out-dir", str(tmp_path / "t0")]) == 2
     assert "temperature must be > 0" in capsys.readouterr().err

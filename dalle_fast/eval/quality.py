@@ -97,6 +97,7 @@ class Report:
     summary: dict               # setting -> group -> metric -> accuracy
     keep: int
     seconds: float
+    per_seed: list = None       # pool_reports: [(seed, summary)] of each run pooled into this one
 
 
 def _row(prompt, index, rank, score, verdict, keep):
@@ -176,6 +177,39 @@ def evaluate(sample, prompts=None, n=16, keep=4, score=None, progress=None):
     return Report(prompts, images, scores, rows, summarise(rows), keep, time.perf_counter() - start)
 
 
+def pool_reports(reports, seeds):
+    """One Report of several evaluate() runs of the same prompts (different sampling seeds): rows gain a
+    'seed' column, the summary pools every row (so a figure's sample is len(reports) times larger),
+    images are the first run's, and per_seed keeps each run's own summary for the spread.
+
+    Args:
+        reports: Reports of evaluate() over the same prompts, n and keep.
+        seeds: the sampling seed of each.
+    Returns:
+        a Report.
+    """
+    if not reports or len(reports) != len(seeds):
+        raise ValueError(f"need one seed per report, got {len(reports)} reports and {len(seeds)} seeds")
+    rows = [{"seed": s, **r} for rep, s in zip(reports, seeds) for r in rep.rows]
+    first = reports[0]
+    return Report(first.prompts, first.images, first.scores, rows, summarise(rows), first.keep,
+                  sum(r.seconds for r in reports), [(s, r.summary) for r, s in zip(reports, seeds)])
+
+
+def format_spread(report):
+    """One line per headline figure with its value in each pooled run (empty for a single run)."""
+    if not report.per_seed or len(report.per_seed) < 2:
+        return ""
+    lines = []
+    for setting, group, metric in (("reranked", "all", "shape"), ("reranked", "all", "shape_small"),
+                                   ("reranked", "seen", "shape"), ("reranked", "heldout", "shape"),
+                                   ("unreranked", "all", "shape")):
+        vals = [summ[setting][group][metric] for _, summ in report.per_seed]
+        lines.append(f"{setting} {group} {metric} per seed ({', '.join(str(s) for s, _ in report.per_seed)}): "
+                     + ", ".join(_pct(v) for v in vals))
+    return "\n".join(lines)
+
+
 def _pct(v):
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -208,10 +242,12 @@ def write_report(report, out_dir, scale=1):
     n = report.images.shape[1]
     with open(paths["json"], "w") as f:
         json.dump({"n": n, "keep": report.keep, "seconds": round(report.seconds, 1),
-                   "prompts": [dataclasses.asdict(p) for p in report.prompts], "summary": report.summary}, f, indent=1)
+                   "prompts": [dataclasses.asdict(p) for p in report.prompts], "summary": report.summary,
+                   "per_seed": [{"seed": s, "summary": summ} for s, summ in report.per_seed or []]}, f, indent=1)
     with open(paths["table"], "w") as f:
         f.write(format_table(report.summary, n, report.keep) + "\n")
-    labels = [(r["caption"] + " " if r["sample"] == 0 else "") + ("ok" if r["ok"] else "x") for r in report.rows]
+    first = report.rows[:len(report.prompts) * n]   # the grid shows the first run's images
+    labels = [(r["caption"] + " " if r["sample"] == 0 else "") + ("ok" if r["ok"] else "x") for r in first]
     image_grid(report.images.flatten(0, 1), nrow=n, captions=labels, scale=scale, path=paths["grid"],
                caption_width=12 * scale)
     return paths
@@ -236,12 +272,20 @@ def _cmd_eval(args):
     prompts = default_prompts()
     if args.limit:
         prompts = prompts[::max(1, len(prompts) // args.limit)][:args.limit]
-    sample = dalle_sampler(model, vae, tokenizer, seed=args.seed, batch_size=args.batch_size,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     score = clip_scorer(clip) if clip is not None and not args.no_clip else None
-    report = evaluate(sample, prompts, n=args.num_images, keep=args.keep, score=score)
+    seeds = [args.seed + r for r in range(args.repeats)]
+    reports = []
+    for seed in seeds:
+        sample = dalle_sampler(model, vae, tokenizer, seed=seed, batch_size=args.batch_size,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        reports.append(evaluate(sample, prompts, n=args.num_images, keep=args.keep, score=score))
+    report = pool_reports(reports, seeds) if len(reports) > 1 else reports[0]
     paths = write_report(report, args.out_dir)
     print(format_table(report.summary, args.num_images, args.keep))
+    if len(reports) > 1:
+        print(f"pooled over seeds {seeds[0]}..{seeds[-1]}\n" + format_spread(report))
     print(f"{len(report.rows)} images judged in {report.seconds:.0f} s; wrote {', '.join(paths.values())}")
     return 0
 
@@ -251,6 +295,9 @@ def add_arguments(p):
     p.add_argument("-n", "--num-images", type=int, default=16, help="samples per prompt")
     p.add_argument("--keep", type=int, default=4, help="the best K per prompt by CLIP score form the reranked figures")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the eval with seeds seed, seed+1, ... and pool the figures (one seed's held-out "
+                        "figures rest on 40 reranked images; seeds move them by several points)")
     p.add_argument("--limit", type=int, default=None, help="judge only this many prompts, spread over the list")
     p.add_argument("--batch-size", type=int, default=None, help="sequences sampled at once (default: all)")
     p.add_argument("--device", default="cpu")
