@@ -38,6 +38,15 @@ RUNS = {
     "floor-0+codebook-std-1": ({}, {"min_log_b": 0.0, "codebook_init_std": 1.0}),
     "floor--1+codebook-std-1": ({}, {"min_log_b": -1.0, "codebook_init_std": 1.0}),
     "16x16-tokens": ({}, {"group_count": 3}),   # 4x4-pixel patches: an object covers most of its patches
+    # the encoder's output conv scaled at init: a random encoder's argmax already hashes patches
+    "enc-x10": ({}, {"encoder_output_init_gain": 10.0}),
+    "enc-x30": ({}, {"encoder_output_init_gain": 30.0}),
+    "enc-x10+codebook-std-1": ({}, {"encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
+    "enc-x30+codebook-std-1": ({}, {"encoder_output_init_gain": 30.0, "codebook_init_std": 1.0}),
+    "beta-ramp-0.17%": ({"beta_frac": 0.0017}, {}),
+    "tau-start-0.5": ({"tau_start": 0.5}, {}),
+    "tau-1/16": ({"tau_start": 1 / 16}, {}),
+    "batch-32-lr-1e-3": ({"batch_size": 32, "lr": 1e-3}, {}),
 }
 
 DIAG_STEPS = set(range(0, 50, 5)) | set(range(50, 100_000, 50))
@@ -49,8 +58,9 @@ class StepDiagnostics:
     and through beta * KL, the decoder's ln b on background and object pixels, and the batch's
     codebook perplexity (argmax tokens)."""
 
-    def __init__(self):
+    def __init__(self, path=None):
         self.rows = []
+        self.path = path  # each row is also appended there as a JSON line (watch a run as it goes)
 
     def __call__(self, step, model, out, images, sched):
         if step not in DIAG_STEPS:
@@ -72,7 +82,19 @@ class StepDiagnostics:
                 "grad_recon": g_rec.norm().item(), "grad_kl": g_kl.norm().item(),
                 "ln_b_background": ln_b[~obj].mean().item(),
                 "ln_b_object": ln_b[obj].mean().item() if obj.any() else float("nan"),
-                "perplexity": codebook_perplexity(out["tokens"], model.vocab_size)})
+                "perplexity": codebook_perplexity(out["tokens"], model.vocab_size),
+                **_patch_codes(out["tokens"], images, model.config.downsample)})
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(self.rows[-1]) + "\n")
+
+
+def _patch_codes(tokens, images, ds):
+    """Distinct argmax codes among the token positions whose patch holds object pixels and among the
+    all-background ones (batch perplexity is dominated by the background patches)."""
+    obj = torch.nn.functional.max_pool2d((images.amax(1, keepdim=True) > 0.5).float(), ds)[:, 0] > 0
+    return {"codes_object_patches": int(tokens[obj].unique().numel()),
+            "codes_background_patches": int(tokens[~obj].unique().numel())}
 
 
 @torch.no_grad()
@@ -115,6 +137,7 @@ def code_mean_vs_median(model, n=512, seed=321):
         out[f"code_{name}_psnr"] = 10 * math.log10(1 / max(mse, 1e-12))
     out["median_keeps_object_pixels"] = (median[obj] > 0.5).float().mean().item()
     out["codes_used"] = int(tokens.unique().numel())
+    out["codes_used_by_object_patches"] = int(tokens[obj.any(1)].unique().numel())
     return out
 
 
@@ -155,12 +178,11 @@ def main(argv=None):
                 if curve:
                     results[f"{name}, unfinished"] = {"eval_psnr": curve[-1][1], "curve": curve, "run_dir": run_dir}
             continue
-        cfg = TrainVAEConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, sample_every=50,
-                             checkpoint_every=args.steps, log_every=10, **{k: v for k, v in train_kw.items() if k != "lr"})
-        if "lr" in train_kw:
-            cfg.lr = train_kw["lr"]
+        cfg = TrainVAEConfig(**{"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "sample_every": 50,
+                                "checkpoint_every": args.steps, "log_every": 10, **train_kw})
         mcfg = DVAEConfig(**{**DVAEConfig.small().to_dict(), **model_kw})
-        diag = StepDiagnostics()
+        os.makedirs(run_dir, exist_ok=True)
+        diag = StepDiagnostics(os.path.join(run_dir, "steps_diag.jsonl"))
         s = train_vae(run_dir, cfg, model_config=mcfg, progress=False, on_step=diag)
         ema_model = s.pop("ema_model")
         curve = [(r["step"], r["eval_psnr"]) for r in _rows(run_dir) if r.get("eval_psnr") not in (None, "")]
