@@ -23,6 +23,7 @@ from dalle_fast.data import Shapes
 from dalle_fast.models.dvae import DVAEConfig, codebook_perplexity
 from dalle_fast.train.vae import TrainVAEConfig, train_vae
 
+BLACK = -2.1972  # logit(eps), rounded: mu of a black pixel with the small preset's eps 0.1
 # name -> (train_vae overrides, DVAEConfig overrides); 'paper' is the paper's loss with the trainer's defaults
 RUNS = {
     "paper": ({}, {}),
@@ -43,6 +44,14 @@ RUNS = {
     "enc-x30": ({}, {"encoder_output_init_gain": 30.0}),
     "enc-x10+codebook-std-1": ({}, {"encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
     "enc-x30+codebook-std-1": ({}, {"encoder_output_init_gain": 30.0, "codebook_init_std": 1.0}),
+    "enc-x3+codebook-std-1": ({}, {"encoder_output_init_gain": 3.0, "codebook_init_std": 1.0}),
+    "enc-x10+codebook-std-1+lr-5e-4": ({"lr": 5e-4}, {"encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
+    # the decoder starts at black (mu bias logit(0.1)) instead of mid-grey: no common-mode push first
+    "black-decoder": ({}, {"decoder_mu_init": BLACK}),
+    "black-decoder+enc-x10+codebook-std-1": ({}, {"decoder_mu_init": BLACK, "encoder_output_init_gain": 10.0,
+                                                  "codebook_init_std": 1.0}),
+    "black-decoder+enc-x30+codebook-std-1": ({}, {"decoder_mu_init": BLACK, "encoder_output_init_gain": 30.0,
+                                                  "codebook_init_std": 1.0}),
     "beta-ramp-0.17%": ({"beta_frac": 0.0017}, {}),
     "tau-start-0.5": ({"tau_start": 0.5}, {}),
     "tau-1/16": ({"tau_start": 1 / 16}, {}),
@@ -175,8 +184,11 @@ def main(argv=None):
         if args.plot_only:
             if os.path.isfile(os.path.join(run_dir, "metrics.csv")):
                 curve = [(r["step"], r["eval_psnr"]) for r in _rows(run_dir) if r.get("eval_psnr") is not None]
+                diag_path = os.path.join(run_dir, "steps_diag.jsonl")
+                diag_rows = [json.loads(line) for line in open(diag_path)] if os.path.isfile(diag_path) else []
                 if curve:
-                    results[f"{name}, unfinished"] = {"eval_psnr": curve[-1][1], "curve": curve, "run_dir": run_dir}
+                    results[f"{name}, stopped at {curve[-1][0]}"] = {
+                        "eval_psnr": curve[-1][1], "curve": curve, "run_dir": run_dir, "steps_diag": diag_rows}
             continue
         cfg = TrainVAEConfig(**{"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "sample_every": 50,
                                 "checkpoint_every": args.steps, "log_every": 10, **train_kw})
@@ -213,13 +225,14 @@ def _rows(run_dir):
 
 def _plot(results, path, steps):
     """Top row per run: training PSNR, codebook perplexity (every 10 steps), eval PSNR (EMA). Bottom
-    row, from the per-step diagnostics (finished runs): decoder ln b on background (solid) and object
-    (dashed) pixels, gradient norm reaching the encoder logits through the reconstruction (solid) and
-    through beta * KL (dashed), and the encoder logits' std over codes."""
+    row, from the per-step diagnostics (finished runs, and stopped runs under --plot-only): decoder ln b
+    on background (solid) and object (dashed) pixels, gradient norm reaching the encoder logits through
+    the reconstruction (solid) and through beta * KL (dashed), the encoder logits' std over codes, and
+    the number of codes the batch's object patches use."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     for i, (name, r) in enumerate(results.items()):
         colour = f"C{i}"
         rows = [row for row in _rows(r["run_dir"]) if row.get("psnr") is not None]
@@ -238,10 +251,14 @@ def _plot(results, path, steps):
             axes[1, 1].semilogy(st, [max(row["grad_kl"], 1e-12) for row in d], color=colour, ls="--",
                                 label=f"{name} beta * KL")
             axes[1, 2].plot(st, [row["logit_std"] for row in d], color=colour, label=name)
+            if "codes_object_patches" in d[0]:
+                axes[1, 3].plot(st, [row["codes_object_patches"] for row in d], color=colour, label=name)
     titles = ("training PSNR (dB, Gumbel-relaxed)", "codebook perplexity (argmax tokens, batch)",
               "eval PSNR (dB, EMA weights, argmax tokens)", "decoder ln b: background (solid), objects (dashed)",
-              "grad norm at encoder logits: recon (solid), beta*KL (dashed)", "encoder logit std over codes")
-    for ax, title in zip(axes.flat, titles):
+              "grad norm at encoder logits: recon (solid), beta*KL (dashed)", "encoder logit std over codes",
+              "codes used by the batch's object patches (argmax)")
+    axes[0, 3].axis("off")
+    for ax, title in zip([a for a in axes.flat if a is not axes[0, 3]], titles):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step (batch 8)")
         ax.grid(alpha=0.3)

@@ -284,6 +284,18 @@ def test_encoder_output_init_gain():
             DVAEConfig(encoder_output_init_gain=bad)
 
 
+def test_decoder_mu_init():
+    """None keeps the paper's zero bias (mid-grey); a value sets the bias of the mu channels only."""
+    torch.manual_seed(0)
+    assert DiscreteVAE(DVAEConfig.tiny()).decoder.blocks.output.conv.bias.abs().max() == 0
+    cfg = DVAEConfig(**{**DVAEConfig.tiny().to_dict(), "decoder_mu_init": -2.0})
+    bias = DiscreteVAE(cfg).decoder.blocks.output.conv.bias
+    assert torch.equal(bias, torch.tensor([-2.0, -2.0, -2.0, 0.0, 0.0, 0.0]))
+    assert DVAEConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="decoder_mu_init"):
+        DVAEConfig(decoder_mu_init=float("inf"))
+
+
 def test_auxiliary_mse_and_log_b_floor():
     m = _tiny(backend="torch")
     x = torch.rand(2, 3, 32, 32)

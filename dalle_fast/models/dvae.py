@@ -43,6 +43,8 @@ class DVAEConfig:
             initialisation (None: the paper's rule, 1/sqrt(vocab_size)).
         encoder_output_init_gain: multiplies the std of the encoder's output 1x1 conv (the logits) at
             initialisation (None: the paper's rule, gain 1; > 0).
+        decoder_mu_init: initial bias of the decoder's mu outputs, in logit space (None: the paper's zero
+            bias, mid-grey; logit(eps) starts the decoder at black).
     """
     image_size: int = 256
     input_channels: int = 3
@@ -64,6 +66,9 @@ class DVAEConfig:
     # Gumbel noise's 1.28: relaxed samples are noise. A gain > 1 on the output conv's init std makes a
     # random encoder's argmax a stable hash of its patch. None keeps the paper's rule (gain 1).
     encoder_output_init_gain: float = None
+    # The decoder starts at mid-grey (zero bias); on mostly black data its first updates are one
+    # common-mode push to black. A value (e.g. logit(eps)) starts it there. None keeps the paper's init.
+    decoder_mu_init: float = None
 
     def __post_init__(self):
         for name in ("image_size", "input_channels", "group_count", "n_hid", "n_blk_per_group",
@@ -83,6 +88,9 @@ class DVAEConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
                                   or not math.isfinite(v) or v <= 0):
                 raise ValueError(f"DVAEConfig.{name} must be None or a positive number, got {v!r}")
+        v = self.decoder_mu_init
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"DVAEConfig.decoder_mu_init must be None or a finite number, got {v!r}")
 
     @property
     def downsample(self):
@@ -302,8 +310,11 @@ class Decoder(nn.Module):
             if g < cfg.group_count - 1:
                 group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
             blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
-        blocks.append(("output", nn.Sequential(OrderedDict([
-            ("relu", nn.ReLU()), ("conv", _conv(n_in, 2 * cfg.input_channels, 1))]))))
+        out_conv = _conv(n_in, 2 * cfg.input_channels, 1)
+        if cfg.decoder_mu_init is not None:
+            with torch.no_grad():
+                out_conv.bias[:cfg.input_channels] = cfg.decoder_mu_init
+        blocks.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", out_conv)]))))
         self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, z):
