@@ -260,7 +260,7 @@ def _plot(results, path, steps):
     axes[0, 3].axis("off")
     for ax, title in zip([a for a in axes.flat if a is not axes[0, 3]], titles):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step (batch 8)")
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=6)
