@@ -33,6 +33,7 @@ RUNS = {
     "lr/4": ({"lr": 5e-4}, {}),
     "tau-100%": ({"tau_frac": 1.0}, {}),
     "eps=0.02": ({}, {"eps": 0.02}),
+    "eps=0.25": ({}, {"eps": 0.25}),
     "ln-b-floor-0": ({}, {"min_log_b": 0.0}),
     "ln-b-floor--1": ({}, {"min_log_b": -1.0}),
     "codebook-std-1": ({}, {"codebook_init_std": 1.0}),
@@ -52,6 +53,8 @@ RUNS = {
                                                   "codebook_init_std": 1.0}),
     "black-decoder+enc-x30+codebook-std-1": ({}, {"decoder_mu_init": BLACK, "encoder_output_init_gain": 30.0,
                                                   "codebook_init_std": 1.0}),
+    "black-decoder+enc-x10+codebook-std-1+beta-ramp-0.17%": ({"beta_frac": 0.0017}, {
+        "decoder_mu_init": BLACK, "encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
     "beta-ramp-0.17%": ({"beta_frac": 0.0017}, {}),
     "tau-start-0.5": ({"tau_start": 0.5}, {}),
     "tau-1/16": ({"tau_start": 1 / 16}, {}),
