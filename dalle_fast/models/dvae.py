@@ -63,11 +63,13 @@ class DVAEConfig:
     # layer sees: the paper's fan-in rule makes it 1/sqrt(vocab_size) small. None keeps that rule.
     codebook_init_std: float = None
     # The encoder's logits at the paper's init have a std of about 0.1 over the codes, against the
-    # Gumbel noise's 1.28: relaxed samples are noise. A gain > 1 on the output conv's init std makes a
-    # random encoder's argmax a stable hash of its patch. None keeps the paper's rule (gain 1).
+    # Gumbel noise's 1.28: relaxed samples are noise. A gain > 1 on the output conv's init std makes
+    # the samples follow the encoder's argmax more often (on Shapes it also collapses the codes sooner:
+    # README, dVAE on Shapes). None keeps the paper's rule (gain 1).
     encoder_output_init_gain: float = None
     # The decoder starts at mid-grey (zero bias); on mostly black data its first updates are one
-    # common-mode push to black. A value (e.g. logit(eps)) starts it there. None keeps the paper's init.
+    # common-mode push to black. A value (e.g. logit(eps)) starts it there (a study knob: it did not
+    # lift the paper's objective on Shapes, README). None keeps the paper's init.
     decoder_mu_init: float = None
 
     def __post_init__(self):
