@@ -55,6 +55,8 @@ RUNS = {
                                                   "codebook_init_std": 1.0}),
     "black-decoder+enc-x10+codebook-std-1+beta-ramp-0.17%": ({"beta_frac": 0.0017}, {
         "decoder_mu_init": BLACK, "encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
+    "black-decoder+enc-x10+codebook-std-1+beta-ramp-0.17%+tau-100%": ({"beta_frac": 0.0017, "tau_frac": 1.0}, {
+        "decoder_mu_init": BLACK, "encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
     "beta-ramp-0.17%": ({"beta_frac": 0.0017}, {}),
     "tau-start-0.5": ({"tau_start": 0.5}, {}),
     "tau-1/16": ({"tau_start": 1 / 16}, {}),
