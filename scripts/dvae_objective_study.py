@@ -23,6 +23,7 @@ from dalle_fast.data import Shapes
 from dalle_fast.models.dvae import DVAEConfig, codebook_perplexity
 from dalle_fast.train.vae import TrainVAEConfig, train_vae
 
+BLACK = -2.1972  # logit(eps), rounded: mu of a black pixel with the small preset's eps 0.1
 # name -> (train_vae overrides, DVAEConfig overrides); 'paper' is the paper's loss with the trainer's defaults
 RUNS = {
     "paper": ({}, {}),
@@ -32,12 +33,34 @@ RUNS = {
     "lr/4": ({"lr": 5e-4}, {}),
     "tau-100%": ({"tau_frac": 1.0}, {}),
     "eps=0.02": ({}, {"eps": 0.02}),
+    "eps=0.25": ({}, {"eps": 0.25}),
     "ln-b-floor-0": ({}, {"min_log_b": 0.0}),
     "ln-b-floor--1": ({}, {"min_log_b": -1.0}),
     "codebook-std-1": ({}, {"codebook_init_std": 1.0}),
     "floor-0+codebook-std-1": ({}, {"min_log_b": 0.0, "codebook_init_std": 1.0}),
     "floor--1+codebook-std-1": ({}, {"min_log_b": -1.0, "codebook_init_std": 1.0}),
     "16x16-tokens": ({}, {"group_count": 3}),   # 4x4-pixel patches: an object covers most of its patches
+    # the encoder's output conv scaled at init: a random encoder's argmax already hashes patches
+    "enc-x10": ({}, {"encoder_output_init_gain": 10.0}),
+    "enc-x30": ({}, {"encoder_output_init_gain": 30.0}),
+    "enc-x10+codebook-std-1": ({}, {"encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
+    "enc-x30+codebook-std-1": ({}, {"encoder_output_init_gain": 30.0, "codebook_init_std": 1.0}),
+    "enc-x3+codebook-std-1": ({}, {"encoder_output_init_gain": 3.0, "codebook_init_std": 1.0}),
+    "enc-x10+codebook-std-1+lr-5e-4": ({"lr": 5e-4}, {"encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
+    # the decoder starts at black (mu bias logit(0.1)) instead of mid-grey: no common-mode push first
+    "black-decoder": ({}, {"decoder_mu_init": BLACK}),
+    "black-decoder+enc-x10+codebook-std-1": ({}, {"decoder_mu_init": BLACK, "encoder_output_init_gain": 10.0,
+                                                  "codebook_init_std": 1.0}),
+    "black-decoder+enc-x30+codebook-std-1": ({}, {"decoder_mu_init": BLACK, "encoder_output_init_gain": 30.0,
+                                                  "codebook_init_std": 1.0}),
+    "black-decoder+enc-x10+codebook-std-1+beta-ramp-0.17%": ({"beta_frac": 0.0017}, {
+        "decoder_mu_init": BLACK, "encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
+    "black-decoder+enc-x10+codebook-std-1+beta-ramp-0.17%+tau-100%": ({"beta_frac": 0.0017, "tau_frac": 1.0}, {
+        "decoder_mu_init": BLACK, "encoder_output_init_gain": 10.0, "codebook_init_std": 1.0}),
+    "beta-ramp-0.17%": ({"beta_frac": 0.0017}, {}),
+    "tau-start-0.5": ({"tau_start": 0.5}, {}),
+    "tau-1/16": ({"tau_start": 1 / 16}, {}),
+    "batch-32-lr-1e-3": ({"batch_size": 32, "lr": 1e-3}, {}),
 }
 
 DIAG_STEPS = set(range(0, 50, 5)) | set(range(50, 100_000, 50))
@@ -49,8 +72,9 @@ class StepDiagnostics:
     and through beta * KL, the decoder's ln b on background and object pixels, and the batch's
     codebook perplexity (argmax tokens)."""
 
-    def __init__(self):
+    def __init__(self, path=None):
         self.rows = []
+        self.path = path  # each row is also appended there as a JSON line (watch a run as it goes)
 
     def __call__(self, step, model, out, images, sched):
         if step not in DIAG_STEPS:
@@ -72,7 +96,19 @@ class StepDiagnostics:
                 "grad_recon": g_rec.norm().item(), "grad_kl": g_kl.norm().item(),
                 "ln_b_background": ln_b[~obj].mean().item(),
                 "ln_b_object": ln_b[obj].mean().item() if obj.any() else float("nan"),
-                "perplexity": codebook_perplexity(out["tokens"], model.vocab_size)})
+                "perplexity": codebook_perplexity(out["tokens"], model.vocab_size),
+                **_patch_codes(out["tokens"], images, model.config.downsample)})
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(self.rows[-1]) + "\n")
+
+
+def _patch_codes(tokens, images, ds):
+    """Distinct argmax codes among the token positions whose patch holds object pixels and among the
+    all-background ones (batch perplexity is dominated by the background patches)."""
+    obj = torch.nn.functional.max_pool2d((images.amax(1, keepdim=True) > 0.5).float(), ds)[:, 0] > 0
+    return {"codes_object_patches": int(tokens[obj].unique().numel()),
+            "codes_background_patches": int(tokens[~obj].unique().numel())}
 
 
 @torch.no_grad()
@@ -115,6 +151,7 @@ def code_mean_vs_median(model, n=512, seed=321):
         out[f"code_{name}_psnr"] = 10 * math.log10(1 / max(mse, 1e-12))
     out["median_keeps_object_pixels"] = (median[obj] > 0.5).float().mean().item()
     out["codes_used"] = int(tokens.unique().numel())
+    out["codes_used_by_object_patches"] = int(tokens[obj.any(1)].unique().numel())
     return out
 
 
@@ -152,15 +189,17 @@ def main(argv=None):
         if args.plot_only:
             if os.path.isfile(os.path.join(run_dir, "metrics.csv")):
                 curve = [(r["step"], r["eval_psnr"]) for r in _rows(run_dir) if r.get("eval_psnr") is not None]
+                diag_path = os.path.join(run_dir, "steps_diag.jsonl")
+                diag_rows = [json.loads(line) for line in open(diag_path)] if os.path.isfile(diag_path) else []
                 if curve:
-                    results[f"{name}, unfinished"] = {"eval_psnr": curve[-1][1], "curve": curve, "run_dir": run_dir}
+                    results[f"{name}, stopped at {int(curve[-1][0])}"] = {
+                        "eval_psnr": curve[-1][1], "curve": curve, "run_dir": run_dir, "steps_diag": diag_rows}
             continue
-        cfg = TrainVAEConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, sample_every=50,
-                             checkpoint_every=args.steps, log_every=10, **{k: v for k, v in train_kw.items() if k != "lr"})
-        if "lr" in train_kw:
-            cfg.lr = train_kw["lr"]
+        cfg = TrainVAEConfig(**{"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "sample_every": 50,
+                                "checkpoint_every": args.steps, "log_every": 10, **train_kw})
         mcfg = DVAEConfig(**{**DVAEConfig.small().to_dict(), **model_kw})
-        diag = StepDiagnostics()
+        os.makedirs(run_dir, exist_ok=True)
+        diag = StepDiagnostics(os.path.join(run_dir, "steps_diag.jsonl"))
         s = train_vae(run_dir, cfg, model_config=mcfg, progress=False, on_step=diag)
         ema_model = s.pop("ema_model")
         curve = [(r["step"], r["eval_psnr"]) for r in _rows(run_dir) if r.get("eval_psnr") not in (None, "")]
@@ -190,14 +229,16 @@ def _rows(run_dir):
 
 
 def _plot(results, path, steps):
-    """Top row per run: training PSNR, codebook perplexity (every 10 steps), eval PSNR (EMA). Bottom
-    row, from the per-step diagnostics (finished runs): decoder ln b on background (solid) and object
-    (dashed) pixels, gradient norm reaching the encoder logits through the reconstruction (solid) and
-    through beta * KL (dashed), and the encoder logits' std over codes."""
+    """Top row per run: training PSNR, codebook perplexity (every 10 steps), eval PSNR (EMA), and its
+    first 400 steps against an all-black image's 12.11 dB (dotted). Bottom
+    row, from the per-step diagnostics (finished runs, and stopped runs under --plot-only): decoder ln b
+    on background (solid) and object (dashed) pixels, gradient norm reaching the encoder logits through
+    the reconstruction (solid) and through beta * KL (dashed), the encoder logits' std over codes, and
+    the number of codes the batch's object patches use."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
     for i, (name, r) in enumerate(results.items()):
         colour = f"C{i}"
         rows = [row for row in _rows(r["run_dir"]) if row.get("psnr") is not None]
@@ -206,6 +247,8 @@ def _plot(results, path, steps):
                         label=name)
         axes[0, 2].plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], marker="o", ms=3, color=colour,
                         label=f"{name} ({r['eval_psnr']:.1f} dB)")
+        early = [c for c in r["curve"] if c[0] <= 400]
+        axes[0, 3].plot([c[0] for c in early], [c[1] for c in early], marker="o", ms=3, color=colour, label=name)
         d = r.get("steps_diag") or []
         if d:
             st = [row["step"] for row in d]
@@ -216,15 +259,20 @@ def _plot(results, path, steps):
             axes[1, 1].semilogy(st, [max(row["grad_kl"], 1e-12) for row in d], color=colour, ls="--",
                                 label=f"{name} beta * KL")
             axes[1, 2].plot(st, [row["logit_std"] for row in d], color=colour, label=name)
+            if "codes_object_patches" in d[0]:
+                axes[1, 3].plot(st, [row["codes_object_patches"] for row in d], color=colour, label=name)
     titles = ("training PSNR (dB, Gumbel-relaxed)", "codebook perplexity (argmax tokens, batch)",
               "eval PSNR (dB, EMA weights, argmax tokens)", "decoder ln b: background (solid), objects (dashed)",
-              "grad norm at encoder logits: recon (solid), beta*KL (dashed)", "encoder logit std over codes")
-    for ax, title in zip(axes.flat, titles):
+              "grad norm at encoder logits: recon (solid), beta*KL (dashed)", "encoder logit std over codes",
+              "eval PSNR, first 400 steps", "codes used by the batch's object patches (argmax)")
+    axes[0, 3].axhline(12.11, color="k", lw=0.8, ls=":")
+    order = [axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1], axes[1, 2], axes[0, 3], axes[1, 3]]
+    for ax, title in zip(order, titles):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step (batch 8)")
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=6, loc="center right" if ax is axes[0, 2] else "best")
     fig.suptitle(f"Shapes dVAE (small config, 64x64 -> 8x8 x 512 codes), runs of {steps} steps: "
                  "the paper's objective and single changes")
     fig.tight_layout()

@@ -265,6 +265,37 @@ def test_codebook_init_std():
     assert DVAEConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_encoder_output_init_gain():
+    """None keeps the paper's fan-in rule for the encoder's output conv; a gain multiplies its std, and
+    with it the logits' spread over the codes at initialisation."""
+    x = torch.rand(4, 3, 32, 32)
+    torch.manual_seed(0)
+    paper = DiscreteVAE(DVAEConfig.tiny())
+    torch.manual_seed(0)
+    cfg = DVAEConfig(**{**DVAEConfig.tiny().to_dict(), "encoder_output_init_gain": 10.0})
+    scaled = DiscreteVAE(cfg)
+    w0, w1 = paper.encoder.blocks.output.conv.weight, scaled.encoder.blocks.output.conv.weight
+    assert torch.allclose(w1, 10 * w0)
+    with torch.no_grad():
+        assert torch.allclose(scaled.logits(x), 10 * paper.logits(x), rtol=1e-4, atol=1e-5)
+    assert DVAEConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in (0.0, -1.0, float("nan"), True, "10"):
+        with pytest.raises(ValueError, match="encoder_output_init_gain"):
+            DVAEConfig(encoder_output_init_gain=bad)
+
+
+def test_decoder_mu_init():
+    """None keeps the paper's zero bias (mid-grey); a value sets the bias of the mu channels only."""
+    torch.manual_seed(0)
+    assert DiscreteVAE(DVAEConfig.tiny()).decoder.blocks.output.conv.bias.abs().max() == 0
+    cfg = DVAEConfig(**{**DVAEConfig.tiny().to_dict(), "decoder_mu_init": -2.0})
+    bias = DiscreteVAE(cfg).decoder.blocks.output.conv.bias
+    assert torch.equal(bias, torch.tensor([-2.0, -2.0, -2.0, 0.0, 0.0, 0.0]))
+    assert DVAEConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="decoder_mu_init"):
+        DVAEConfig(decoder_mu_init=float("inf"))
+
+
 def test_auxiliary_mse_and_log_b_floor():
     m = _tiny(backend="torch")
     x = torch.rand(2, 3, 32, 32)

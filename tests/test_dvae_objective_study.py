@@ -23,7 +23,7 @@ def test_code_mean_vs_median_separates_what_codes_carry():
     # one code for every patch: both decoders draw one average patch; the median (black: objects are
     # a minority of every pixel) keeps no object pixel, the mean is closer than black
     one = study.code_mean_vs_median(_fake_model(lambda x: torch.zeros(x.shape[0], 4, 4, dtype=torch.long)), n=64)
-    assert one["codes_used"] == 1
+    assert one["codes_used"] == 1 and one["codes_used_by_object_patches"] == 1
     assert one["median_keeps_object_pixels"] == 0.0
     assert one["code_mean_psnr"] > one["code_median_psnr"]
 
@@ -35,6 +35,7 @@ def test_code_mean_vs_median_separates_what_codes_carry():
         return torch.tensor([ids[k] for k in keys]).reshape(x.shape[0], 4, 4)
     ex = study.code_mean_vs_median(_fake_model(exact), n=64)
     assert ex["median_keeps_object_pixels"] == 1.0
+    assert 1 < ex["codes_used_by_object_patches"] < ex["codes_used"]    # the all-black patches share a code
     assert ex["code_mean_psnr"] > 100 and ex["code_median_psnr"] > 100
 
 
@@ -50,6 +51,10 @@ def test_step_diagnostics_rows():
     assert len(d.rows) == 1
     r = d.rows[0]
     assert r["step"] == 0 and r["grad_recon"] > 0 and r["grad_kl"] > 0
+    obj_patches = torch.zeros(2, 4, 4, dtype=torch.bool)
+    obj_patches[:, 0:2, 0:2] = True                                              # the square touches 2x2 patches
+    assert r["codes_object_patches"] == out["tokens"][obj_patches].unique().numel()
+    assert r["codes_background_patches"] == out["tokens"][~obj_patches].unique().numel()
     assert 0 < r["entropy"] <= torch.log(torch.tensor(64.0)).item() + 1e-5
     stats = out["stats"].detach()
     obj = (x.amax(1, keepdim=True) > 0.5).expand_as(x)                          # every channel of an object pixel

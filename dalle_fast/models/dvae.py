@@ -41,6 +41,10 @@ class DVAEConfig:
         min_log_b: floor on the decoder's ln b in the training loss (None: the paper's loss exactly).
         codebook_init_std: std of the decoder's input conv (the codebook: one column per code) at
             initialisation (None: the paper's rule, 1/sqrt(vocab_size)).
+        encoder_output_init_gain: multiplies the std of the encoder's output 1x1 conv (the logits) at
+            initialisation (None: the paper's rule, gain 1; > 0).
+        decoder_mu_init: initial bias of the decoder's mu outputs, in logit space (None: the paper's zero
+            bias, mid-grey; logit(eps) starts the decoder at black).
     """
     image_size: int = 256
     input_channels: int = 3
@@ -58,6 +62,15 @@ class DVAEConfig:
     # The decoder's 1x1 input conv reads (near) one-hot codes, so each code's column is what the first
     # layer sees: the paper's fan-in rule makes it 1/sqrt(vocab_size) small. None keeps that rule.
     codebook_init_std: float = None
+    # The encoder's logits at the paper's init have a std of about 0.1 over the codes, against the
+    # Gumbel noise's 1.28: relaxed samples are noise. A gain > 1 on the output conv's init std makes
+    # the samples follow the encoder's argmax more often (on Shapes it also collapses the codes sooner:
+    # README, dVAE on Shapes). None keeps the paper's rule (gain 1).
+    encoder_output_init_gain: float = None
+    # The decoder starts at mid-grey (zero bias); on mostly black data its first updates are one
+    # common-mode push to black. A value (e.g. logit(eps)) starts it there (a study knob: it did not
+    # lift the paper's objective on Shapes, README). None keeps the paper's init.
+    decoder_mu_init: float = None
 
     def __post_init__(self):
         for name in ("image_size", "input_channels", "group_count", "n_hid", "n_blk_per_group",
@@ -72,6 +85,14 @@ class DVAEConfig:
                              f"2**(group_count-1) = {self.downsample}")
         if not 0 <= self.eps < 0.5:
             raise ValueError(f"DVAEConfig.eps must be in [0, 0.5), got {self.eps}")
+        for name in ("codebook_init_std", "encoder_output_init_gain"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or v <= 0):
+                raise ValueError(f"DVAEConfig.{name} must be None or a positive number, got {v!r}")
+        v = self.decoder_mu_init
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"DVAEConfig.decoder_mu_init must be None or a finite number, got {v!r}")
 
     @property
     def downsample(self):
@@ -251,8 +272,11 @@ class Encoder(nn.Module):
             if g < cfg.group_count - 1:
                 group.append(("pool", nn.MaxPool2d(kernel_size=2)))
             blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
-        blocks.append(("output", nn.Sequential(OrderedDict([
-            ("relu", nn.ReLU()), ("conv", _fp32_conv(n_in, cfg.vocab_size, 1))]))))
+        out_conv = _fp32_conv(n_in, cfg.vocab_size, 1)
+        if cfg.encoder_output_init_gain is not None:
+            with torch.no_grad():
+                out_conv.weight.mul_(cfg.encoder_output_init_gain)
+        blocks.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", out_conv)]))))
         self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, x):
@@ -288,8 +312,11 @@ class Decoder(nn.Module):
             if g < cfg.group_count - 1:
                 group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
             blocks.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
-        blocks.append(("output", nn.Sequential(OrderedDict([
-            ("relu", nn.ReLU()), ("conv", _conv(n_in, 2 * cfg.input_channels, 1))]))))
+        out_conv = _conv(n_in, 2 * cfg.input_channels, 1)
+        if cfg.decoder_mu_init is not None:
+            with torch.no_grad():
+                out_conv.bias[:cfg.input_channels] = cfg.decoder_mu_init
+        blocks.append(("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", out_conv)]))))
         self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, z):
