@@ -6,10 +6,10 @@
 #   2. train-vae        small dVAE, 64x64 images -> 8x8 tokens of 512 codes (the dVAE recipe for
 #                       noiseless synthetic data: auxiliary MSE, lr 2e-3, batch 8)
 #      tune-vae-decoder then sharpens its decoder on the frozen encoder's tokens (tokens unchanged;
-#                       small objects' shapes: scripts/dvae_ceiling.py), in three runs: 3000 steps on the
-#                       training split, then 2199 at half the step size and 3000 more at 1.5e-4 on every
-#                       image (--split all: the image codec sees green triangles, without captions; the
-#                       transformer and CLIP never do); the bundle ships the last decoder
+#                       small objects' shapes: scripts/dvae_ceiling.py), in four runs: 3000 steps on the
+#                       training split, then on every image 2199 at half the step size, 3000 at 1.5e-4 and
+#                       4000 at 1e-4 (--split all: the image codec sees green triangles, without captions;
+#                       the transformer and CLIP never do); the bundle ships the last decoder
 #   3. train-dalle      the transformer (paper schedule: row, column, row, conv), tokens cached once
 #   4. train-clip       a small open_clip CLIP for reranking, trained with hard negatives (twins that
 #                       differ only in one object's shape or size, or in swapped colours); 4-pixel patches
@@ -18,11 +18,12 @@
 #
 # Usage: scripts/make_bundled_model.sh [WORK_DIR]   (default build/bundled_model)
 # Every size is an environment variable so that tests/test_bundled.py can run a shortened version:
-#   VAE_STEPS VAE_BATCH TUNE_STEPS TUNE_MINUTES TUNE2_STEPS TUNE2_MINUTES TUNE3_STEPS TUNE3_MINUTES DALLE_STEPS DALLE_MINUTES CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
+#   VAE_STEPS VAE_BATCH TUNE_STEPS TUNE_MINUTES TUNE2_STEPS TUNE2_MINUTES TUNE_MORE TUNE_MORE_MINUTES DALLE_STEPS DALLE_MINUTES CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
 # A step whose output is already in WORK_DIR (dVAE, tuned decoder, CLIP, transformer export) is not run again.
 # CPU time with the defaults: about two hours from scratch in one run, not measured in one piece (1 thread;
 # README: 28 minutes for the tokenizer, dVAE, transformer and the old 600-step CLIP, 30 minutes of decoder tuning
-# on a loaded machine, 12 for the second tuning run, 50 for the third at load 4-6, about 11 for the 1200-step CLIP).
+# on a loaded machine, 12 for the second tuning run, 50 and 26 for the third and fourth at load 2-6, about 11 for
+# the 1200-step CLIP).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,8 +35,9 @@ TUNE_STEPS=${TUNE_STEPS:-3000}   # decoder tuning (batch 16), time-boxed by TUNE
 TUNE_MINUTES=${TUNE_MINUTES-45}
 TUNE2_STEPS=${TUNE2_STEPS:-2199} # second decoder run, every image (0 = skip: ship the first run's decoder)
 TUNE2_MINUTES=${TUNE2_MINUTES-20}
-TUNE3_STEPS=${TUNE3_STEPS:-3000} # third decoder run, every image, lower step size (0 = skip: ship the second's)
-TUNE3_MINUTES=${TUNE3_MINUTES-60}
+# further decoder runs on every image, each from the previous one: STEPS:LR pairs ('' = none: ship the second's)
+TUNE_MORE=${TUNE_MORE-"3000:1.5e-4 4000:1e-4"}
+TUNE_MORE_MINUTES=${TUNE_MORE_MINUTES-60}   # time box of each of them
 DALLE_STEPS=${DALLE_STEPS:-8000}
 DALLE_MINUTES=${DALLE_MINUTES-35} # time box of the transformer's run (fewer steps on a busy machine; '' = none)
 CLIP_STEPS=${CLIP_STEPS:-1200}
@@ -78,13 +80,16 @@ if [ "$TUNE2_STEPS" != 0 ]; then
   [ -f "$DECODER/config.json" ] || \
     "${CLI[@]}" tune-vae-decoder --vae "$WORK/vae/tuned" --out "$DECODER" --split all --steps "$TUNE2_STEPS" \
       --batch-size 16 --lr 2.5e-4 --threads 1 --quiet ${TUNE2_MINUTES:+--minutes "$TUNE2_MINUTES"}
-  if [ "$TUNE3_STEPS" != 0 ]; then
-    stamp "2d/5 dVAE decoder tuned again on every image, lower step size"
-    DECODER="$WORK/vae/tuned_all3"
+  i=0
+  for run in $TUNE_MORE; do
+    i=$((i + 1))
+    stamp "2d/5 dVAE decoder tuned again on every image ($i: ${run%%:*} steps, lr ${run##*:})"
+    PREVIOUS="$DECODER"
+    DECODER="$WORK/vae/tuned_more$i"
     [ -f "$DECODER/config.json" ] || \
-      "${CLI[@]}" tune-vae-decoder --vae "$WORK/vae/tuned_all" --out "$DECODER" --split all --steps "$TUNE3_STEPS" \
-        --batch-size 16 --lr 1.5e-4 --threads 1 --quiet ${TUNE3_MINUTES:+--minutes "$TUNE3_MINUTES"}
-  fi
+      "${CLI[@]}" tune-vae-decoder --vae "$PREVIOUS" --out "$DECODER" --split all --steps "${run%%:*}" \
+        --batch-size 16 --lr "${run##*:}" --threads 1 --quiet ${TUNE_MORE_MINUTES:+--minutes "$TUNE_MORE_MINUTES"}
+  done
 fi
 
 stamp "3/5 transformer"

@@ -66,7 +66,7 @@ def test_generate_command_without_checkpoint_uses_the_bundle(tmp_path):
 
 def test_bundle_script_end_to_end_shortened(tmp_path):
     """The real script with tiny step counts: tokenizer, dVAE, transformer, CLIP, export, grid."""
-    env = dict(os.environ, VAE_STEPS="2", TUNE_STEPS="2", TUNE2_STEPS="2", TUNE3_STEPS="2", DALLE_STEPS="3", DALLE_MINUTES="", CLIP_STEPS="2", LENGTH="64", BATCH="8",
+    env = dict(os.environ, VAE_STEPS="2", TUNE_STEPS="2", TUNE2_STEPS="2", TUNE_MORE="2:1.5e-4 2:1e-4", DALLE_STEPS="3", DALLE_MINUTES="", CLIP_STEPS="2", LENGTH="64", BATCH="8",
                N_SAMPLES="2", KEEP="1", DEST="", GRID=str(tmp_path / "grid.png"), PYTHON=sys.executable)
     before = _asset_digests()
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "make_bundled_model.sh"), str(tmp_path / "work")],
@@ -76,8 +76,9 @@ def test_bundle_script_end_to_end_shortened(tmp_path):
     export = tmp_path / "work" / "dalle" / "export"
     model, vae, tok, clip = load_bundle(str(export))
     assert clip is not None and (tmp_path / "grid.png").is_file()
-    # the shipped decoder is the third tuning run's (every image), same encoder as the first dVAE
-    shipped = tmp_path / "work" / "vae" / "tuned_all3" / "model.safetensors"
+    # the shipped decoder is the last tuning run's (every image, after tuned_all and tuned_more1), same encoder
+    shipped = tmp_path / "work" / "vae" / "tuned_more2" / "model.safetensors"
+    assert (tmp_path / "work" / "vae" / "tuned_more1" / "model.safetensors").is_file()
     assert shipped.is_file() and (export / "dvae" / "model.safetensors").read_bytes() == shipped.read_bytes()
     assert model.config.text_len == 16 and model.config.image_size == vae.tokens_per_side == 8
     assert next(model.parameters()).dtype == torch.float32  # exported in fp16, loaded back as fp32
