@@ -262,13 +262,11 @@ def _cmd_eval(args):
         clip = CLIPReranker.from_pretrained(args.clip, device=args.device)
     if args.vae:
         from ..models.dvae import DiscreteVAE
-        other = DiscreteVAE.from_pretrained(args.vae, device=args.device).eval()
-        if other.config.vocab_size != vae.config.vocab_size or other.config.downsample != vae.config.downsample \
-                or other.image_size != vae.image_size:
-            raise ValueError(f"--vae {args.vae}: its token grid or codebook differs from the model's dVAE "
-                             f"({other.config.vocab_size} codes, {other.image_size // other.config.downsample} tokens a side "
-                             f"against {vae.config.vocab_size}, {vae.image_size // vae.config.downsample})")
-        vae = other
+        vae = DiscreteVAE.from_pretrained(args.vae, device=args.device).eval()
+        try:
+            model._check_vae(vae)
+        except ValueError as e:
+            raise ValueError(f"--vae {args.vae}: {e}") from None
     prompts = default_prompts()
     if args.limit:
         prompts = prompts[::max(1, len(prompts) // args.limit)][:args.limit]
