@@ -174,7 +174,7 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="needs all"):
         m(text, image[:, :3], return_loss=True)
     for bad in [dict(depth=0), dict(conv_kernel=4), dict(backend="cuda"), dict(attention_kinds=["row"]),
-                dict(text_loss_weight=2.0)]:
+                dict(text_loss_weight=2.0), dict(dropout=1.0), dict(dropout=-0.1)]:
         with pytest.raises(ValueError, match="DALLEConfig"):
             DALLEConfig.tiny(**bad)
     with pytest.raises(ValueError, match="unknown"):
@@ -269,6 +269,22 @@ def test_train_dalle_resumes_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b), k
     assert (tmp_path / "b" / "export" / "tokenizer.json").is_file()
     assert (tmp_path / "b" / "export" / "dvae" / "config.json").is_file()
+
+
+def test_train_dalle_dropout_and_token_cache_progress(tmp_path, capsys):
+    """--dropout reaches the exported config; the token cache shows a progress bar unless --quiet."""
+    from dalle_fast.models.dvae import DiscreteVAE, DVAEConfig
+    from dalle_fast.tokenizer import BPETokenizer
+    from dalle_fast.train.dalle import train_dalle
+    from dalle_fast.data.shapes import Shapes
+    torch.manual_seed(0)
+    DiscreteVAE(DVAEConfig.tiny()).save_pretrained(tmp_path / "vae")
+    BPETokenizer.train(list(Shapes(200).captions()), vocab_size=100).save(tmp_path / "tok.json")
+    export = train_dalle(_train_args(tmp_path, steps=2, dropout=0.25, quiet=False))
+    assert DALLE.from_pretrained(f"{export}/dalle").config.dropout == 0.25
+    assert "encoding images to tokens" in capsys.readouterr().err
+    train_dalle(_train_args(tmp_path, run=str(tmp_path / "q"), steps=2))  # quiet: no bar
+    assert "encoding images to tokens" not in capsys.readouterr().err
 
 
 def test_lr_schedule_warmup_cosine_and_plateau():

@@ -73,6 +73,8 @@ class DALLEConfig:
                                  f"got {self.attention_kinds}")
         if not 0.0 <= self.text_loss_weight <= 1.0:
             raise ValueError(f"DALLEConfig.text_loss_weight must be in [0, 1], got {self.text_loss_weight}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"DALLEConfig.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def image_len(self):

@@ -37,7 +37,7 @@ class TokenCache(torch.utils.data.Dataset):
         return self.tokens[int(i)], self.captions[int(i)]
 
     @classmethod
-    def build(cls, dataset, vae, path, batch_size=256, device="cpu"):
+    def build(cls, dataset, vae, path, batch_size=32, device="cpu", progress=True):
         from ..checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
         tok_path, cap_path = path + ".safetensors", path + ".json"
         if os.path.isfile(tok_path) and os.path.isfile(cap_path):
@@ -47,9 +47,12 @@ class TokenCache(torch.utils.data.Dataset):
                 return cls(load_safetensors(tok_path)["tokens"], meta["captions"])
         chunks, captions = [], []
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=common.collate)
+        bar = common.Progress(len(dataset), enabled=progress, desc="encoding images to tokens")
         for images, caps in loader:
             chunks.append(vae.encode(images.to(device)).cpu().to(torch.int16 if vae.vocab_size < 2 ** 15 else torch.int32))
             captions += caps
+            bar.update(len(caps))
+        bar.close()
         tokens = torch.cat(chunks)
         atomic_save_safetensors({"tokens": tokens}, tok_path)
         atomic_write_json({"length": len(captions), "captions": captions}, cap_path)
@@ -161,7 +164,7 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
     tokenizer = BPETokenizer.from_file(args.tokenizer, dropout=args.bpe_dropout)
     cfg = build_config(args.preset, tokenizer, vae, dim=args.dim, depth=args.depth, heads=args.heads,
                        dim_head=args.dim_head, text_len=args.text_len, backend=args.backend,
-                       conv_kernel=args.conv_kernel)
+                       conv_kernel=args.conv_kernel, dropout=getattr(args, "dropout", None))
     model = DALLE(cfg, vae=vae).to(device)
     os.makedirs(args.run, exist_ok=True)
     dataset = open_dataset(args.data, image_size=vae.image_size, seed=args.seed, length=args.length,
@@ -169,10 +172,12 @@ def _train(args, rank, world, device, shard, psgd_rank, replicate):
     if args.cache_tokens and not isinstance(dataset, torch.utils.data.IterableDataset):
         if world > 1:  # rank 0 builds the cache, the others read it
             if lead:
-                TokenCache.build(dataset, vae, os.path.join(args.run, "token_cache"), device=device)
+                TokenCache.build(dataset, vae, os.path.join(args.run, "token_cache"), device=device,
+                                 progress=not args.quiet)
             with launch.guard_collectives("waiting for rank 0's token cache"):
                 torch.distributed.barrier()
-        dataset = TokenCache.build(dataset, vae, os.path.join(args.run, "token_cache"), device=device)
+        dataset = TokenCache.build(dataset, vae, os.path.join(args.run, "token_cache"), device=device,
+                                   progress=lead and not args.quiet)
         encode = lambda x: x.long().to(device)  # noqa: E731
     else:
         encode = lambda x: vae.encode(x.to(device))  # noqa: E731
@@ -327,6 +332,8 @@ def register(subparsers):
     for name in ("dim", "depth", "heads", "dim-head", "text-len", "conv-kernel"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the preset")
     p.add_argument("--backend", default=None, choices=("fused", "flex", "dense"), help="attention backend")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="override the preset: dropout of the residual branches' outputs while training")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--max-minutes", type=float, default=None,
                    help="time box: after 5 steps, shorten the run (and its schedule) to fit this many minutes")
