@@ -18,7 +18,7 @@
 #
 # Usage: scripts/make_bundled_model.sh [WORK_DIR]   (default build/bundled_model)
 # Every size is an environment variable so that tests/test_bundled.py can run a shortened version:
-#   VAE_STEPS VAE_BATCH TUNE_STEPS TUNE_MINUTES TUNE2_STEPS TUNE2_MINUTES TUNE_MORE TUNE_MORE_MINUTES DALLE_STEPS DALLE_MINUTES CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
+#   VAE_CONFIG VAE_STEPS VAE_BATCH TUNE_STEPS TUNE_MINUTES TUNE2_STEPS TUNE2_MINUTES TUNE_MORE TUNE_MORE_MINUTES DALLE_STEPS DALLE_MINUTES CLIP_STEPS LENGTH BATCH N_SAMPLES KEEP DEST GRID THREADS PYTHON
 # A step whose output is already in WORK_DIR (dVAE, tuned decoder, CLIP, transformer export) is not run again.
 # CPU time with the defaults: about two hours from scratch in one run, not measured in one piece (1 thread;
 # README: 28 minutes for the tokenizer, dVAE, transformer and the old 600-step CLIP, 30 minutes of decoder tuning
@@ -29,6 +29,9 @@ cd "$(dirname "$0")/.."
 
 WORK=${1:-build/bundled_model}
 PYTHON=${PYTHON:-.venv/bin/python}
+VAE_CONFIG=${VAE_CONFIG:-small}  # small: 8x8 tokens (the bundle); small16: 16x16 tokens of 4x4 pixels (README:
+                                 # far better small shapes on reconstructions; its transformer step costs 3.5x,
+                                 # so give DALLE_MINUTES about 100 or '')
 VAE_STEPS=${VAE_STEPS:-1500}
 VAE_BATCH=${VAE_BATCH:-8}
 TUNE_STEPS=${TUNE_STEPS:-3000}   # decoder tuning (batch 16), time-boxed by TUNE_MINUTES ('' = none)
@@ -64,7 +67,7 @@ stamp "1/5 tokenizer"
 
 stamp "2/5 dVAE"
 if [ ! -f "$WORK/vae/model/config.json" ]; then
-  "${CLI[@]}" train-vae --data shapes --config small --out "$WORK/vae" --steps "$VAE_STEPS" \
+  "${CLI[@]}" train-vae --data shapes --config "$VAE_CONFIG" --out "$WORK/vae" --steps "$VAE_STEPS" \
     --batch-size "$VAE_BATCH" --lr 2e-3 --mse-weight 1000 --threads 1 \
     --sample-every "$VAE_STEPS" --checkpoint-every "$VAE_STEPS" --no-progress
 fi
