@@ -88,12 +88,15 @@ def test_bundle_script_16x16_tokens_shortened(tmp_path):
     """VAE_CONFIG=small16: the same script makes a 16x16-token dVAE and a transformer over its 256 tokens."""
     env = dict(os.environ, VAE_CONFIG="small16", VAE_STEPS="2", TUNE_STEPS="2", TUNE2_STEPS="0", DALLE_STEPS="2",
                DALLE_MINUTES="", CLIP_STEPS="1", LENGTH="32", BATCH="4", DEST="", GRID="", PYTHON=sys.executable)
+    grid = os.path.join(ROOT, "docs", "generate_grid.png")
+    grid_before = os.path.getmtime(grid)
     r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "make_bundled_model.sh"), str(tmp_path / "work")],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     export = tmp_path / "work" / "dalle" / "export"
     model, vae, _, _ = load_bundle(str(export))
     assert model.config.image_size == vae.tokens_per_side == 16 and vae.image_size == 64
+    assert os.path.getmtime(grid) == grid_before, "GRID='' must draw no grid (the README's stays)"
     # TUNE2_STEPS=0: the first tuned decoder is the one shipped
     assert (export / "dvae" / "model.safetensors").read_bytes() == \
         (tmp_path / "work" / "vae" / "tuned" / "model.safetensors").read_bytes()
