@@ -47,12 +47,14 @@ class TokenCache(torch.utils.data.Dataset):
                 return cls(load_safetensors(tok_path)["tokens"], meta["captions"])
         chunks, captions = [], []
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=common.collate)
-        bar = common.Progress(len(dataset), enabled=progress, desc="encoding images to tokens")
+        bar = common.Progress(len(dataset), desc="encoding images to tokens") if progress else None
         for images, caps in loader:
             chunks.append(vae.encode(images.to(device)).cpu().to(torch.int16 if vae.vocab_size < 2 ** 15 else torch.int32))
             captions += caps
-            bar.update(len(caps))
-        bar.close()
+            if bar is not None:
+                bar.update(len(caps))
+        if bar is not None:
+            bar.close()
         tokens = torch.cat(chunks)
         atomic_save_safetensors({"tokens": tokens}, tok_path)
         atomic_write_json({"length": len(captions), "captions": captions}, cap_path)
